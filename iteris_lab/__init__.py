@@ -1,0 +1,12 @@
+"""iteris-lab: merging LoRA adapters with IterIS (Iterative Inference-Solving Alignment, arXiv 2411.15231)."""
+from .adapters import LoraAdapter, LoraLayer, load_adapter
+from .errors import AdapterError, CalibrationError, ExportError, IterisError, SolveError
+from .export import ExportReport
+from .merge import METHODS, IterationRecord, merge_loras
+from .result import MergeResult
+
+__version__ = "0.1.0"
+__all__ = [
+    "merge_loras", "MergeResult", "IterationRecord", "METHODS", "load_adapter", "LoraAdapter", "LoraLayer",
+    "ExportReport", "IterisError", "AdapterError", "CalibrationError", "SolveError", "ExportError",
+]

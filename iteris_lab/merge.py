@@ -1,0 +1,301 @@
+"""merge_loras(): the IterIS loop.
+
+    iteration 1   run task i's samples with LoRA i active -> X_i (and X̃_i = X_i) -> λ_i -> solve every layer
+    iteration t   write the merged ΔW into the model -> re-run -> X̃_i -> solve every layer again (Jacobi)
+
+Iteration 1 with λ = 1 and α = 0 is RegMean on the LoRA deltas. A layer's input depends only on the layers
+before it, so on a chain of J adapted layers the loop reaches its fixed point after J solves.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import baselines
+from .adapters import LoraAdapter, LoraLayer, load_adapter
+from .errors import AdapterError, CalibrationError, IterisError
+from .features import Grams, check_coverage, gram_pass, paired_pass
+from .objective import (WEIGHT_VARIANTS, LayerProblem, adaptive_weight, objective, output_energy,
+                        shrink_off_diagonal, solve)
+from .result import MergeResult
+from .targets import Target, WeightWriter, resolve_names
+
+METHODS = ("iteris", "regmean") + baselines.DATA_FREE
+MODULE_POLICIES = ("error", "intersection", "union")
+
+
+@dataclass
+class IterationRecord:
+    """What one solve did. Per layer, lists run over tasks.
+
+    weights:   λ_i
+    objective: ‖X_iΔW_iᵀ − X̃_iWᵀ‖² / ‖X_iΔW_iᵀ‖² of the new W on the features it was solved from
+    merged_objective: the previous W on the features of the merged model it produced (what that model
+               really does); None at iteration 1
+    drift:     ‖X_i − X̃_i‖² / ‖X_i‖² for the layer's input (0 at iteration 1)
+    change:    ‖ΔW_t − ΔW_{t−1}‖ / ‖ΔW_t‖ (1 at iteration 1)
+    """
+
+    iteration: int
+    weights: dict[str, list[float]]
+    objective: dict[str, list[float]]
+    merged_objective: dict[str, list[float]] | None
+    drift: dict[str, list[float]]
+    change: dict[str, float]
+    seconds: float = 0.0
+
+    def mean_objective(self) -> float:
+        values = [v for per_task in self.objective.values() for v in per_task]
+        return sum(values) / len(values)
+
+
+@dataclass
+class _Layer:
+    target: Target
+    loras: list[LoraLayer | None]
+    weights: list[float] = field(default_factory=list)
+    energies: list[float] = field(default_factory=list)
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    delta: torch.Tensor | None = None  # (out, in_flat) float64
+
+
+def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", max_iter: int = 10,
+                alpha: float = 1e-4, adaptive_weights: str = "official", weights=None, density: float = 0.5,
+                regmean_shrink: float = 0.9, modules: str = "error", forward=None, seed: int = 0,
+                progress: bool = True, tol: float | None = None) -> MergeResult:
+    """Merge N ≥ 2 LoRA adapters of `model` into one ΔW per adapted layer.
+
+    model:       the base nn.Module, without adapters; it is left unchanged (weights restored on return or error).
+    adapters:    PEFT LoRA folders (or LoraAdapter objects), one per task.
+    calibration: per task, an iterable of batches (dicts of model kwargs, or tensors); only for "iteris" and
+                 "regmean". `attention_mask` (and `decoder_attention_mask`/`labels`, `encoder_attention_mask`)
+                 mark real positions: padding never enters a Gram. Iterables are read into lists.
+    method:      "iteris" | "regmean" | "linear" | "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" |
+                 "magnitude_prune" | "cat".
+    max_iter:    number of solves (iteris). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
+    adaptive_weights: λ_i variant: "official" (default, as the authors' code: W0 + ΔW_i in both norms),
+                 "paper" (ΔW_i only) or "none".
+    weights:     per-task multipliers: on λ_i for iteris (the official code's manual coefficients), the
+                 mixing weights for the data-free methods (default 1/N for linear, 1 otherwise).
+    density:     kept fraction for ties / dare / magnitude_prune. regmean_shrink: RegMean's off-diagonal
+                 scale in [0, 1] (method="regmean" only; alpha is not used there).
+    modules:     when adapters adapt different modules: "error" (default), "intersection" or "union"
+                 (a task that does not adapt a layer asks for ΔW = 0 there).
+    forward:     optional callable forward(model, batch), or a list of them (one per task), used instead of
+                 model(**batch) — e.g. teacher forcing or a denoising step.
+    tol:         stop early when every layer's relative change falls below tol.
+    """
+    start = time.perf_counter()
+    settings = _check_settings(method, max_iter, alpha, adaptive_weights, density, regmean_shrink, modules,
+                               tol, seed)
+    loras = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
+    if len(loras) < 2:
+        raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
+    layers = _layers(model, loras, modules)
+    n = len(loras)
+    mix = _task_weights(weights, method, n)
+    settings.update(adapters=[a.path for a in loras], weights=mix, layers=len(layers))
+
+    if method in baselines.DATA_FREE:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in layers.values():
+                shape = layer.target.info.matrix_shape()
+                layer.delta, layer.factors = baselines.merge_layer(method, layer.loras, shape, mix, density)
+        history = []
+    else:
+        batches = _calibration_lists(calibration, n)
+        forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
+        if len(forwards) != n:
+            raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
+        history = _iterate(model, layers, batches, forwards, settings, mix, progress)
+    return MergeResult(
+        method=method,
+        deltas={name: layer.target.info.to_weight_layout(layer.delta).float().cpu()
+                if layer.target.info.kind == "conv2d" else layer.delta.float().cpu()
+                for name, layer in layers.items()},
+        factors={name: tuple(f.float().cpu() for f in layer.factors)
+                 for name, layer in layers.items() if layer.factors is not None},
+        history=history,
+        layers={name: layer.target.info for name, layer in layers.items()},
+        settings=settings,
+        seconds=time.perf_counter() - start,
+        base_model=loras[0].config.get("base_model_name_or_path"),
+    )
+
+
+def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, tol, seed) -> dict:
+    if method not in METHODS:
+        raise IterisError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise IterisError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    if not alpha >= 0:
+        raise IterisError(f"alpha must be >= 0, got {alpha!r}.")
+    if variant not in WEIGHT_VARIANTS:
+        raise IterisError(f"adaptive_weights must be one of {WEIGHT_VARIANTS}, got {variant!r}.")
+    if not 0 < density <= 1:
+        raise IterisError(f"density must be in (0, 1], got {density!r}.")
+    if not 0 <= shrink <= 1:
+        raise IterisError(f"regmean_shrink must be in [0, 1], got {shrink!r}.")
+    if modules not in MODULE_POLICIES:
+        raise IterisError(f"modules must be one of {MODULE_POLICIES}, got {modules!r}.")
+    if method == "regmean":
+        max_iter, variant, alpha = 1, "none", 0.0
+    return dict(method=method, max_iter=max_iter, alpha=alpha, adaptive_weights=variant, density=density,
+                regmean_shrink=shrink, modules=modules, tol=tol, seed=seed)
+
+
+def _task_weights(weights, method: str, n: int) -> list[float]:
+    if weights is None:
+        return baselines.default_weights(method, n) if method in baselines.DATA_FREE else [1.0] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise IterisError(f"got {len(weights)} weights for {n} adapters.")
+    return weights
+
+
+def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
+    """Resolve every adapter's modules in the model and check that the shapes fit, before touching anything."""
+    per_adapter = []
+    for adapter in loras:
+        names = resolve_names(model, adapter.layers)
+        per_adapter.append({names[k]: layer for k, layer in adapter.layers.items()})
+    sets = [set(p) for p in per_adapter]
+    common, every = set.intersection(*sets), set.union(*sets)
+    if common != every and policy == "error":
+        odd = next(i for i, s in enumerate(sets) if s != every)
+        missing = sorted(every - sets[odd])
+        raise AdapterError(f"adapters target different modules: {loras[odd].path} lacks {len(missing)} of them "
+                           f"(e.g. {missing[0]}); pass modules='intersection' or modules='union'.")
+    chosen = every if policy == "union" else common
+    if not chosen:
+        raise AdapterError("the adapters have no adapted module in common.")
+    modules = dict(model.named_modules())
+    order = {name: k for k, name in enumerate(modules)}
+    layers = {}
+    for name in sorted(chosen, key=order.get):
+        target = Target(name, modules[name])
+        loras_here = [p.get(name) for p in per_adapter]
+        for adapter, lora in zip(loras, loras_here):
+            _check_shape(adapter, name, lora, target)
+        layers[name] = _Layer(target, loras_here)
+    return layers
+
+
+def _check_shape(adapter: LoraAdapter, name: str, lora: LoraLayer | None, target: Target) -> None:
+    if lora is None:
+        return
+    out, inp = target.info.matrix_shape()
+    got = (lora.B.shape[0], lora.A[0].numel())
+    if got != (out, inp) or (target.info.kind == "conv2d" and tuple(lora.A.shape[1:]) != target.info.weight_shape[1:]):
+        raise AdapterError(f"{adapter.path}: module {name} has ΔW of shape {tuple(lora.B.shape[:1]) + tuple(lora.A.shape[1:])} "
+                           f"but the base layer's weight is {target.info.weight_shape}; "
+                           "was this adapter trained on another base model?")
+
+
+def _calibration_lists(calibration, n: int) -> list[list]:
+    if calibration is None:
+        raise CalibrationError("iteris and regmean need calibration data: one iterable of batches per adapter.")
+    calibration = list(calibration)
+    if len(calibration) != n:
+        raise CalibrationError(f"got calibration for {len(calibration)} tasks but {n} adapters; "
+                               "pass one iterable of batches per adapter, in the same order.")
+    lists = []
+    for i, batches in enumerate(calibration):
+        batches = [batches] if isinstance(batches, (torch.Tensor, dict)) else list(batches)
+        if not batches:
+            raise CalibrationError(f"task {i}: the calibration data is empty.")
+        lists.append(batches)
+    return lists
+
+
+def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress) -> list[IterationRecord]:
+    targets = {name: layer.target for name, layer in layers.items()}
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    task_deltas = [{name: layer.loras[i] for name, layer in layers.items()} for i in range(len(batches))]
+    quiet = not progress or bool(os.environ.get("TQDM_DISABLE"))
+    history: list[IterationRecord] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with WeightWriter(targets) as writer:
+            bar = tqdm(range(1, settings["max_iter"] + 1), desc=f"{settings['method']} solves", disable=quiet)
+            for t in bar:
+                tick = time.perf_counter()
+                grams = []
+                for i in tqdm(range(len(batches)), desc=f"solve {t}: tasks", leave=False, disable=quiet):
+                    if t == 1:
+                        writer.set(task_deltas[i])
+                        g = gram_pass(model, targets, batches[i], forwards[i], encoder_decoder)
+                    else:
+                        merged = {name: layer.delta for name, layer in layers.items()}
+                        g = paired_pass(model, targets, batches[i], lambda i=i: writer.set(task_deltas[i]),
+                                        lambda m=merged: writer.set(m), forwards[i], encoder_decoder)
+                    check_coverage(g, targets, i)
+                    grams.append(g)
+                if t == 1:
+                    first = grams
+                record = _solve_all(layers, grams, first, settings, mix, t, writer)
+                record.seconds = time.perf_counter() - tick
+                history.append(record)
+                bar.set_postfix(objective=f"{record.mean_objective():.3g}")
+                tol = settings["tol"]
+                if tol is not None and t > 1 and max(record.change.values()) < tol:
+                    break
+    finally:
+        model.train(was_training)
+    return history
+
+
+def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t, writer) -> IterationRecord:
+    record = IterationRecord(t, {}, {}, {} if t > 1 else None, {}, {})
+    cache: dict = {}
+
+    def stat(g: Grams, which: str, name: str) -> torch.Tensor:
+        group = g.group_of(name)
+        key = (id(g), which, group)
+        if key not in cache:
+            m = getattr(g, which)[group].double()
+            cache[key] = shrink_off_diagonal(m, settings["regmean_shrink"]) if settings["method"] == "regmean" else m
+        return cache[key]
+
+    for name, layer in layers.items():
+        cross = [stat(g, "cross", name) for g in grams]
+        gram = [stat(g, "gram", name) for g in grams]
+        if t == 1:
+            _first_weights(layer, [stat(g, "gram", name) for g in first], settings, mix, writer.original_matrix(name))
+        rows = sum(g.rows[g.group_of(name)] for g in grams)
+        shrunk = settings["method"] == "regmean" and settings["regmean_shrink"] < 1
+        problem = LayerProblem(name, layer.loras, cross, gram, layer.weights, rows, shrunk)
+        if t > 1:
+            record.merged_objective[name] = _relative(objective(problem, *layer.factors, layer.energies),
+                                                      layer.energies)
+        B, A = solve(problem, settings["alpha"])
+        delta = B @ A
+        previous, layer.factors, layer.delta = layer.delta, (B, A), delta
+        record.weights[name] = list(layer.weights)
+        record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
+        record.change[name] = 1.0 if previous is None else float(
+            torch.linalg.matrix_norm(delta - previous) / torch.linalg.matrix_norm(delta).clamp_min(1e-30))
+        s_list = [stat(g, "gram", name) for g in first]
+        record.drift[name] = [float((torch.trace(s) - 2 * torch.trace(p) + torch.trace(q)) / torch.trace(s))
+                              for s, p, q in zip(s_list, cross, gram)]
+    return record
+
+
+def _first_weights(layer: _Layer, s_list, settings, mix, w0: torch.Tensor) -> None:
+    """λ_i (times the user's multipliers) and ‖X_iΔW_iᵀ‖², fixed from iteration 1 on: X_i never changes."""
+    variant = settings["adaptive_weights"]
+    lams = [adaptive_weight(lora, s, w0, variant) for lora, s in zip(layer.loras, s_list)]
+    known = [lam for lam in lams if lam is not None]
+    fill = sum(known) / len(known) if known else 1.0
+    layer.weights = [(fill if lam is None else lam) * m for lam, m in zip(lams, mix)]
+    layer.energies = [0.0 if lora is None else output_energy(lora, s) for lora, s in zip(layer.loras, s_list)]
+
+
+def _relative(values: list[float], energies: list[float]) -> list[float]:
+    return [v / e if e > 0 else v for v, e in zip(values, energies)]
