@@ -61,6 +61,8 @@ def mask_for(name: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> torc
         return mask
     if x.dim() == 2 and x.shape[0] == mask.numel():
         return mask
+    if x.dim() == 2 and x.shape[0] == mask.shape[0]:  # one row per example (e.g. a pooler): nothing padded
+        return None
     warnings.warn(f"{name}: input of shape {tuple(x.shape)} does not line up with a mask of shape "
                   f"{tuple(mask.shape)}; all its rows are used.", stacklevel=3)
     return None
