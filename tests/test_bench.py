@@ -1,0 +1,85 @@
+"""The benchmark harness on a tiny BERT track: every row, normalized scores, the JSON schema, weights restored."""
+import json
+
+import pytest
+import torch
+
+from iteris_lab import bench
+from iteris_lab.profiles import PROFILES
+from iteris_lab.tasks import Example, Task
+from test_cli import WORDS, save_tokenizer
+from tiny import build_tiny, make_lora
+
+
+def tiny_task(name, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def examples(n):
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, len(WORDS), (5,), generator=g).tolist()
+            label = sum(ids) % 3
+            out.append(Example(" ".join(WORDS[i] for i in ids), answer=str(label), label=label))
+        return tuple(out)
+
+    return Task(name, "sequence_classification", ("a", "b", "c"), examples(24), examples(8), examples(12))
+
+
+@pytest.fixture
+def track(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    model = build_tiny("bert")
+    tasks = {f"t{i}": tiny_task(f"t{i}", i) for i in range(3)}
+    adapters = {t: make_lora(model, tmp_path / t, ["query", "value"], seed=i + 1) for i, t in enumerate(tasks)}
+    g = torch.Generator().manual_seed(7)
+    heads = {t: {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.zeros(3)} for t in tasks}
+    return bench.Track("tiny", model, tokenizer, tasks, adapters, heads, max_length=16)
+
+
+def test_run_methods_rows_and_json_schema(track, tmp_path):
+    before = {k: v.clone() for k, v in track.model.state_dict().items() if "classifier" not in k}
+    profile = PROFILES["ci"]
+    rows = bench.run_methods(track, profile, progress=False)
+    labels = [r["label"] for r in rows]
+    assert labels == ["base", "lora:t0", "lora:t1", "lora:t2", *bench.DEMO_METHODS]
+    after = track.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every merge was taken out again
+    for i, task in enumerate(track.tasks):
+        assert rows[1 + i]["normalized"][task] == pytest.approx(1.0)
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["regmean"]["calibration_samples"] == profile.calibration_samples
+    assert by_label["regmean_many"]["calibration_samples"] == profile.many_samples
+    assert by_label["iteris"]["settings"]["max_iter"] == profile.max_iter
+    for r in rows[4:]:
+        assert r["merge_seconds"] > 0 and r["peak_memory_mb"] >= 0
+        assert 0 <= r["mean_accuracy"] <= 1 and r["mean_normalized"] >= 0
+    out = bench.report(track, profile, rows, seconds=1.0)
+    text = json.dumps(out)  # JSON-ready
+    again = json.loads(text)
+    assert set(again) >= {"model", "profile", "environment", "tasks", "results", "seconds"}
+    assert again["tasks"]["t0"]["test_size"] == 12
+    table = bench.markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| iteris |" in table
+
+
+def test_validation_choice_never_reads_test(track, monkeypatch):
+    seen = []
+    original = bench.evaluate
+
+    def spy(track_, limit, progress=False, split="test"):
+        seen.append(split)
+        return original(track_, limit, progress, split)
+
+    monkeypatch.setattr(bench, "evaluate", spy)
+    grid = {"alpha": (1e-4,), "adaptive_weights": ("official", "none")}
+    chosen, tried = bench.choose_iteris_settings(track, PROFILES["ci"], grid=grid, progress=False)
+    assert set(seen) == {"val"} and len(tried) == 2
+    assert chosen["adaptive_weights"] in ("official", "none")
+
+
+def test_missing_adapters_say_how_to_train_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_loras.py --model minilm"):
+        bench.load_track("minilm", adapter_root=tmp_path)
