@@ -1,24 +1,14 @@
-"""Shared test setup: CI-sized settings before anything heavy is imported, and factories over tmp_path.
+"""Shared test setup: factories over tmp_path (the environment defaults are in the root conftest.py).
 
 Tiny models, adapters and batches live in tests/tiny.py, importable as `tiny` (pyproject's pythonpath).
 """
+import itertools
 import os
 
-for _name, _value in {
-    "ITERIS_PROFILE": "ci",
-    "TQDM_DISABLE": "1",
-    "MPLBACKEND": "Agg",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
+import pytest
+import torch
 
-import itertools  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tiny import make_lora, merge_case, save_tiny  # noqa: E402
+from tiny import make_lora, merge_case, save_tiny
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

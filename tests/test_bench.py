@@ -7,8 +7,7 @@ import torch
 from iteris_lab import bench
 from iteris_lab.profiles import PROFILES
 from iteris_lab.tasks import Example, Task
-from test_cli import WORDS, save_tokenizer
-from tiny import build_tiny, make_lora
+from tiny import WORDS, build_tiny, make_lora, save_tokenizer
 
 
 def tiny_task(name, seed):

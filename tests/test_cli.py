@@ -4,21 +4,9 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from iteris_lab.cli import build_parser, load_base, main
-from tiny import TARGETS, make_lora, save_tiny
-
-WORDS = [f"w{i}" for i in range(3, 100)]
-
-
-def save_tokenizer(directory):
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i for i, w in enumerate(WORDS, start=3)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>").save_pretrained(directory)
-
+from tiny import TARGETS, WORDS, make_lora, save_tiny, save_tokenizer
 
 @pytest.fixture(params=["llama", "t5"])
 def setup(request, tmp_path):

@@ -209,3 +209,17 @@ def merge_case(kind: str, directory: str | Path, n_tasks: int = 2, targets=None,
                           **lora_kwargs) for i in range(n_tasks)]
     calibration = [token_batches(kind, seed=seed + 100 + i) for i in range(n_tasks)]
     return MergeCase(model, adapters, calibration)
+
+
+WORDS = [f"w{i}" for i in range(3, 100)]
+
+
+def save_tokenizer(directory) -> None:
+    """A word-level tokenizer over VOCAB ids (<pad>=0, <s>=1, </s>=2, then WORDS), saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i for i, w in enumerate(WORDS, start=3)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>").save_pretrained(directory)
