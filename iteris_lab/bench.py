@@ -224,16 +224,17 @@ def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm
     return out
 
 
-def run_bench(model: str = "minilm", json_path="bench.json", quiet: bool = False) -> dict:
-    """The full benchmark of one track; IterIS settings are chosen on the validation split only."""
+def run_bench(model: str = "minilm", json_path="bench.json", quiet: bool = False, grid: dict | None = None) -> dict:
+    """The full benchmark of one track; IterIS settings are chosen on the validation split only, over `grid`
+    (default ITERIS_GRID)."""
     start = time.perf_counter()
     profile = current_profile()
     track = load_track(model)
     if torch.cuda.is_available():
         track.model.cuda()
-    chosen, grid = choose_iteris_settings(track, profile, progress=not quiet)
+    chosen, tried = choose_iteris_settings(track, profile, grid or ITERIS_GRID, progress=not quiet)
     rows = run_methods(track, profile, iteris=chosen, progress=not quiet)
-    out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=grid, iteris_chosen=chosen)
+    out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=tried, iteris_chosen=chosen)
     Path(json_path).write_text(json.dumps(out, indent=2))
     Path(json_path).with_suffix(".md").write_text(markdown_table(rows) + "\n")
     print(markdown_table(rows))
