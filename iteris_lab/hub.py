@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -30,36 +30,11 @@ from . import bench
 from .adapters import load_adapter
 from .merge import merge_loras
 from .profiles import Profile, current_profile
+from .glue import GLUE, GLUE_DATASET, Loader, seeded_order, glue_loader, glue_task  # noqa: F401 (GLUE: public name)
 from .tasks import Example, Task, encode_prompts
 
-GLUE_DATASET = "nyu-mll/glue"
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "regmean", "iteris")
 DATA_METHODS = ("iteris", "regmean")  # the methods that read calibration batches
-Loader = Callable[[str, str], Sequence[Mapping]]  # (GLUE task, GLUE split) -> rows with the task's fields + "label"
-
-
-@dataclass(frozen=True)
-class GlueSpec:
-    """fields: input columns, in prompt order; labels: the label word of each GLUE label id; test_split: the GLUE
-    split our test split is drawn from (its labels are public, unlike GLUE's test split)."""
-
-    fields: tuple[str, ...]
-    labels: tuple[str, ...]
-    test_split: str = "validation"
-
-
-GLUE = {
-    "mnli": GlueSpec(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "validation_matched"),
-    "cola": GlueSpec(("sentence",), ("unacceptable", "acceptable")),
-    "sst2": GlueSpec(("sentence",), ("negative", "positive")),
-    "rte": GlueSpec(("sentence1", "sentence2"), ("entailment", "not_entailment")),
-    "qnli": GlueSpec(("question", "sentence"), ("entailment", "not_entailment")),
-    "mrpc": GlueSpec(("sentence1", "sentence2"), ("not_equivalent", "equivalent")),
-    "qqp": GlueSpec(("question1", "question2"), ("not_duplicate", "duplicate")),
-    "wnli": GlueSpec(("sentence1", "sentence2"), ("not_entailment", "entailment")),
-}
-
-
 @dataclass(frozen=True)
 class HubConfig:
     """One hub run. Defaults are the paper's Flan-T5 GLUE setting (see the module docstring)."""
@@ -108,61 +83,6 @@ def hub_config(profile: Profile | None = None, **overrides) -> HubConfig:
     if profile.name == "ci":
         sizes.update(train_steps=20, max_train=256, n_val=16, warmup_steps=2)
     return replace(HubConfig(), **{**sizes, **overrides})
-
-
-# ---------------------------------------------------------------- GLUE as text-to-text tasks
-
-
-def glue_loader(dataset: str = GLUE_DATASET) -> Loader:
-    """The default Loader: datasets.load_dataset(dataset, task, split=split), downloaded on first use."""
-    def load(name: str, split: str) -> Sequence[Mapping]:
-        try:
-            import datasets
-        except ImportError as err:
-            raise ModuleNotFoundError("reading GLUE needs the `datasets` package: pip install datasets "
-                                      "(or pass your own loader to glue_task / run_hub)") from err
-        return datasets.load_dataset(dataset, name, split=split)
-    return load
-
-
-def glue_text(name: str, row: Mapping) -> str:
-    """T5-style input: "mnli premise: … hypothesis: …", "cola sentence: …"."""
-    return " ".join([name] + [f"{field}: {row[field]}" for field in GLUE[name].fields])
-
-
-def _examples(name: str, rows: Sequence[Mapping], indices) -> tuple[Example, ...]:
-    labels = GLUE[name].labels
-    out = []
-    for i in indices:
-        row = rows[int(i)]
-        if 0 <= int(row["label"]) < len(labels):  # -1 marks a hidden label
-            out.append(Example(glue_text(name, row), labels[int(row["label"])], int(row["label"])))
-    return tuple(out)
-
-
-def _permutation(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
-
-
-def glue_task(name: str, loader: Loader | None = None, *, causal: bool = False, n_val: int = 200,
-              max_train: int = 20000, n_test: int | None = None, seed: int = 42) -> Task:
-    """GLUE task `name` as a "label_words" Task with seeded splits (see the module docstring).
-
-    train: max_train rows of GLUE train; val: n_val other rows of GLUE train; test: n_test rows (None: all) of
-    GLUE's validation split. causal=True appends "\\nAnswer:" to the prompt, for a decoder-only LM.
-    """
-    if name not in GLUE:
-        raise ValueError(f"unknown GLUE task {name!r}; expected one of {tuple(GLUE)}")
-    loader = loader or glue_loader()
-    train_rows, test_rows = loader(name, "train"), loader(name, GLUE[name].test_split)
-    order = _permutation(len(train_rows), seed)
-    val, train = order[:n_val], order[n_val:n_val + max_train]
-    test = _permutation(len(test_rows), seed + 1)[:n_test]
-    template = "{text}\nAnswer:" if causal else "{text}"
-    return Task(name, "label_words", GLUE[name].labels, _examples(name, train_rows, train),
-                _examples(name, train_rows, val), _examples(name, test_rows, test), prompt_template=template)
 
 
 # ---------------------------------------------------------------- base model
@@ -236,7 +156,7 @@ def calibration_batches(task: Task, tokenizer, encoder_decoder: bool, n: int = 5
 
     if not encoder_decoder:
         return prompt_batches(task, tokenizer, n=n, batch_size=batch_size, max_length=max_length, seed=seed)
-    chosen = [task.train[i] for i in _permutation(len(task.train), seed)[:n]]
+    chosen = [task.train[i] for i in seeded_order(len(task.train), seed)[:n]]
     return [seq2seq_batch(tokenizer, [task.prompt(ex) for ex in chunk], [ex.answer for ex in chunk], max_length)
             for chunk in (chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size))]
 
