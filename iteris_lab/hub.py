@@ -18,11 +18,10 @@ Paper setting (official GLUE_t5 config of HKUST-LongGroup/IterIS-merging): googl
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -31,7 +30,8 @@ from .adapters import load_adapter
 from .merge import merge_loras
 from .profiles import Profile, current_profile
 from .glue import GLUE, GLUE_DATASET, Loader, seeded_order, glue_loader, glue_task  # noqa: F401 (GLUE: public name)
-from .tasks import Example, Task, encode_prompts
+from .tasks import Task, encode_prompts
+from .training import fit, lm_training_batch, train_batches
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "regmean", "iteris")
 DATA_METHODS = ("iteris", "regmean")  # the methods that read calibration batches
@@ -137,8 +137,6 @@ def seq2seq_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], max
 
 def training_batch(task: Task, tokenizer, examples, max_length: int, encoder_decoder: bool) -> dict:
     """Seq2seq: prompt -> label word (teacher forced). Causal: prompt + " " + answer + eos, loss on the answer."""
-    from .training import lm_training_batch
-
     if encoder_decoder:
         return seq2seq_batch(tokenizer, [task.prompt(ex) for ex in examples], [ex.answer for ex in examples],
                              max_length)
@@ -164,39 +162,6 @@ def calibration_batches(task: Task, tokenizer, encoder_decoder: bool, n: int = 5
 # ---------------------------------------------------------------- LoRA training
 
 
-def _stream(task: Task, batch_size: int, seed: int) -> Iterator[list[Example]]:
-    """Endless training batches: a seeded reshuffle of the train split every epoch."""
-    rng, order = random.Random(seed), list(range(len(task.train)))
-    batch_size = min(batch_size, len(order))
-    while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [task.train[i] for i in order[start:start + batch_size]]
-
-
-def _fit(model, batches: Iterator[dict], config: HubConfig) -> list[float]:
-    """AdamW on the trainable parameters for config.train_steps steps; the loss of every step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    warmup, steps = max(1, config.warmup_steps), config.train_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 1 - 0.9 * (s - warmup) / max(1, steps - warmup))
-    device, losses = _device(model), []
-    model.train()
-    for _ in range(steps):
-        loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss
-        if not torch.isfinite(loss):
-            raise RuntimeError("non-finite training loss; lower HubConfig.lr or load in float32")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 def train_lora(model, tokenizer, task: Task, out_dir, config: HubConfig) -> dict:
     """Train a LoRA for `task` on `model` and save it as a PEFT folder with recipe.json; returns the recipe.
 
@@ -216,10 +181,11 @@ def train_lora(model, tokenizer, task: Task, out_dir, config: HubConfig) -> dict
     torch.manual_seed(config.seed)  # the LoRA A init
     peft_model = get_peft_model(model, lora)
     batches = (training_batch(task, tokenizer, exs, config.max_length, seq2seq)
-               for exs in _stream(task, config.train_batch_size, config.seed))
+               for exs in train_batches(task, config.train_batch_size, config.seed))
     start = time.perf_counter()
     try:
-        losses = _fit(peft_model, batches, config)
+        losses = fit(peft_model, batches, config.train_steps, config.lr, max(1, config.warmup_steps),
+                     desc=f"train {task.name}")
         peft_model.peft_config["default"].base_model_name_or_path = config.model
         peft_model.save_pretrained(str(out_dir))
     finally:

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -67,10 +68,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(task: Task, batch_size: int, seed: int):
-    """Endless stream of training batches: seeded reshuffle of the train split every epoch."""
+def train_batches(task: Task, batch_size: int, seed: int) -> Iterator[list]:
+    """Endless stream of training examples in batches: a seeded reshuffle of the train split every epoch."""
     rng = random.Random(seed)
     order = list(range(len(task.train)))
+    batch_size = min(batch_size, len(order))  # a split smaller than one batch still yields batches
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -116,27 +118,29 @@ def _attach_lora(model, recipe: Recipe, task_type):
     return get_peft_model(model, config)
 
 
-def _train_loop(model, make_batch, task: Task, recipe: Recipe, progress: bool) -> tuple[list[float], float]:
-    """AdamW over the trainable parameters for recipe.steps steps; returns (losses, seconds)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+def fit(model, batches: Iterator[dict], steps: int, lr: float, warmup_steps: int, weight_decay: float = 0.0,
+        desc: str = "train", progress: bool = False, heartbeat: bool = False) -> list[float]:
+    """AdamW over the trainable parameters for `steps` steps of model(**batch).loss, with linear warmup then
+    linear decay to 10 % of lr and gradient clipping at 1; returns the loss of every step.
 
-    def lr_factor(step):  # linear warmup, then linear decay to 10 % of lr
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        return 1.0 - 0.9 * (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    heartbeat: print the mean loss every 25 steps when no progress bar shows (for logs)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 1.0 - 0.9 * (step - warmup_steps) / max(1, steps - warmup_steps)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    stream = _batches(task, recipe.batch_size, recipe.seed)
     device = next(model.parameters()).device
     losses, start = [], time.perf_counter()
     model.train()
-    bar = evaluate._progress(range(recipe.steps), recipe.steps, f"train {task.name}", progress)
+    bar = evaluate._progress(range(steps), steps, desc, progress)
     for _ in bar:
-        batch = {k: v.to(device) for k, v in make_batch(next(stream)).items()}
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"non-finite loss while training {task.name}; lower the learning rate")
+            raise RuntimeError(f"non-finite loss in {desc}; lower the learning rate (or load in float32)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -144,10 +148,19 @@ def _train_loop(model, make_batch, task: Task, recipe: Recipe, progress: bool) -
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if bar.disable and len(losses) % 25 == 0:  # a heartbeat in logs when the bar is off
-            print(f"train {task.name}: step {len(losses)}/{recipe.steps} loss {sum(losses[-25:]) / 25:.4f} "
+        if heartbeat and bar.disable and len(losses) % 25 == 0:
+            print(f"{desc}: step {len(losses)}/{steps} loss {sum(losses[-25:]) / 25:.4f} "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
     model.eval()
+    return losses
+
+
+def _train_loop(model, make_batch, task: Task, recipe: Recipe, progress: bool) -> tuple[list[float], float]:
+    """Train on `task` with `recipe`; returns (losses, seconds)."""
+    start = time.perf_counter()
+    batches = (make_batch(examples) for examples in train_batches(task, recipe.batch_size, recipe.seed))
+    losses = fit(model, batches, recipe.steps, recipe.lr, recipe.warmup_steps, recipe.weight_decay,
+                 desc=f"train {task.name}", progress=progress, heartbeat=True)
     return losses, time.perf_counter() - start
 
 
