@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_lab.hub import DEFAULT_METHODS, GLUE, HubConfig  # noqa: E402
+from iteris_lab.glue import GLUE  # noqa: E402
+from iteris_lab.hub import DEFAULT_METHODS, HubConfig  # noqa: E402
 
 # command-line flag -> HubConfig field, for the settings one usually changes
 OVERRIDES = {"tasks": "tasks", "train_steps": "train_steps", "lr": "lr", "calibration_samples": "calibration_samples",

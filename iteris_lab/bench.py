@@ -137,11 +137,12 @@ def run_methods(track: Track, profile: Profile, labels=DEMO_METHODS, iteris: dic
     specs = method_specs(profile, iteris)
     device = next(track.model.parameters()).device
     adapters = [load_adapter(track.adapters[t]) for t in track.tasks]
-    rows = [_row("base", "base", evaluate(track, profile.test_limit))]
+    references = [("base", "base", evaluate(track, profile.test_limit))]
     for task, adapter in zip(track.tasks, adapters):
         with weights_added(track.model, adapter.layers):
-            rows.append(_row(f"lora:{task}", "lora", evaluate(track, profile.test_limit)))
-    own = {task: rows[1 + i]["accuracy"][task] for i, task in enumerate(track.tasks)}
+            references.append((f"lora:{task}", "lora", evaluate(track, profile.test_limit)))
+    own = {task: references[1 + i][2][task] for i, task in enumerate(track.tasks)}
+    rows = [score_row(label, method, accuracy, own) for label, method, accuracy in references]
     calibration: dict[int, list] = {}
     bar = tqdm(labels, desc=f"{track.name}: merging", disable=quiet)
     for label in bar:
@@ -154,25 +155,26 @@ def run_methods(track: Track, profile: Profile, labels=DEMO_METHODS, iteris: dic
         with PeakMemory(device) as memory:
             result = merge_loras(track.model, adapters, calibration.get(samples), progress=False, **spec)
         with weights_added(track.model, result.deltas):
-            row = _row(label, spec["method"], evaluate(track, profile.test_limit), own)
+            row = score_row(label, spec["method"], evaluate(track, profile.test_limit), own)
         row.update(calibration_samples=samples, merge_seconds=result.seconds, peak_memory_mb=memory.peak_mb,
                    settings={k: v for k, v in result.settings.items() if k != "adapters"})
         rows.append(row)
-    for row in rows:
-        row.setdefault("normalized", _normalized(row["accuracy"], own))
-        row["mean_normalized"] = sum(row["normalized"].values()) / len(row["normalized"])
     return rows
 
 
-def _row(label: str, method: str, accuracy: dict[str, float], own: dict | None = None) -> dict:
+def score_row(label: str, method: str, accuracy: dict[str, float], own: dict[str, float] | None = None) -> dict:
+    """A result row: accuracy per task and its mean, and with `own` (each task's own-LoRA accuracy) the paper's
+    normalized score per task and its mean."""
     row = {"label": label, "method": method, "accuracy": accuracy,
            "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
     if own is not None:
-        row["normalized"] = _normalized(accuracy, own)
+        row["normalized"] = normalized(accuracy, own)
+        row["mean_normalized"] = sum(row["normalized"].values()) / len(accuracy)
     return row
 
 
-def _normalized(accuracy: dict, own: dict) -> dict:
+def normalized(accuracy: dict, own: dict) -> dict:
+    """accuracy / the task's own LoRA accuracy, per task."""
     return {t: accuracy[t] / own[t] if own[t] > 0 else float("nan") for t in accuracy}
 
 
@@ -263,8 +265,7 @@ def choose_iteris_settings(track: Track, profile: Profile, grid: dict = ITERIS_G
                              adaptive_weights=weights, progress=False)
         with weights_added(track.model, result.deltas):
             accuracy = evaluate(track, profile.test_limit, split="val")
-        normalized = _normalized(accuracy, own)
         tried.append({"alpha": alpha, "adaptive_weights": weights, "val_accuracy": accuracy,
-                      "val_mean_normalized": sum(normalized.values()) / len(normalized)})
+                      "val_mean_normalized": score_row("iteris", "iteris", accuracy, own)["mean_normalized"]})
     best = max(tried, key=lambda r: r["val_mean_normalized"])
     return {"alpha": best["alpha"], "adaptive_weights": best["adaptive_weights"]}, tried

@@ -29,7 +29,7 @@ from . import bench
 from .adapters import load_adapter
 from .merge import merge_loras
 from .profiles import Profile, current_profile
-from .glue import GLUE, GLUE_DATASET, Loader, seeded_order, glue_loader, glue_task  # noqa: F401 (GLUE: public name)
+from .glue import GLUE_DATASET, Loader, glue_loader, glue_task, seeded_order
 from .tasks import Task, encode_prompts
 from .training import fit, lm_training_batch, train_batches
 
@@ -254,15 +254,6 @@ def glue_tasks(config: HubConfig, loader: Loader | None = None, causal: bool = F
                             n_test=config.n_test, seed=config.seed) for name in config.tasks}
 
 
-def _row(label: str, method: str, accuracy: dict[str, float], own: dict[str, float] | None) -> dict:
-    row = {"label": label, "method": method, "accuracy": accuracy,
-           "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
-    if own is not None:  # the paper's normalized score: accuracy / the task's own LoRA accuracy
-        row["normalized"] = {t: a / own[t] if own[t] > 0 else float("nan") for t, a in accuracy.items()}
-        row["mean_normalized"] = sum(row["normalized"].values()) / len(accuracy)
-    return row
-
-
 def _merge_row(model, adapters, calibration, method: str, config: HubConfig, score, own, progress) -> dict:
     """Merge with `method`, evaluate the merged weights in place (W0 restored after), time and memory."""
     data = method in DATA_METHODS
@@ -272,7 +263,7 @@ def _merge_row(model, adapters, calibration, method: str, config: HubConfig, sco
         result = merge_loras(model, adapters, calibration if data else None, method=method, seed=config.seed,
                              progress=progress, **solve)
     with bench.weights_added(model, result.deltas):
-        row = _row(method, method, score(), own)
+        row = bench.score_row(method, method, score(), own)
     row.update(calibration_samples=config.calibration_samples if data else 0, merge_seconds=result.seconds,
                peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
                settings={k: v for k, v in result.settings.items() if k != "adapters"})
@@ -305,7 +296,7 @@ def run_hub(config: HubConfig, out_dir, methods: Sequence[str] = DEFAULT_METHODS
         with bench.weights_added(model, adapter.layers):
             references.append((f"lora:{name}", score()))
     own = {name: references[1 + i][1][name] for i, name in enumerate(tasks)}
-    rows = [_row(label, label.split(":")[0], accuracy, own) for label, accuracy in references]
+    rows = [bench.score_row(label, label.split(":")[0], accuracy, own) for label, accuracy in references]
     calibration = [calibration_batches(task, tokenizer, seq2seq, config.calibration_samples,
                                        config.calibration_batch_size, config.max_length, config.seed)
                    for task in tasks.values()]

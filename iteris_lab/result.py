@@ -43,9 +43,7 @@ class MergeResult:
         with torch.no_grad():
             for name, target in targets.items():
                 w = target.module.weight
-                delta = self.deltas[name].reshape(self.layers[name].matrix_shape()) \
-                    if self.layers[name].kind == "conv2d" else self.deltas[name]
-                update = target.info.to_weight_layout(delta.to(w.device, torch.float32))
+                update = target.info.to_weight_layout(self.deltas[name].to(w.device, torch.float32))
                 w.copy_((w.float() + update).to(w.dtype))
         return model
 
