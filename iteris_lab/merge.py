@@ -66,7 +66,7 @@ class _Layer:
 def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", max_iter: int = 10,
                 alpha: float = 1e-4, adaptive_weights: str = "official", weights=None, density: float = 0.5,
                 regmean_shrink: float = 0.9, modules: str = "error", forward=None, seed: int = 0,
-                progress: bool = True, tol: float | None = None) -> MergeResult:
+                progress: bool = True, tol: float | None = None, on_iteration=None) -> MergeResult:
     """Merge N ≥ 2 LoRA adapters of `model` into one ΔW per adapted layer.
 
     model:       the base nn.Module, without adapters; it is left unchanged (weights restored on return or error).
@@ -88,6 +88,9 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     forward:     optional callable forward(model, batch), or a list of them (one per task), used instead of
                  model(**batch) — e.g. teacher forcing or a denoising step.
     tol:         stop early when every layer's relative change falls below tol.
+    on_iteration: optional callable(record, deltas) called after every solve with its IterationRecord and the
+                 merged ΔW of that solve ({module name: float32 tensor in the weight's layout}), e.g. to
+                 evaluate the model after each iteration without re-running the merge.
     """
     start = time.perf_counter()
     settings = _check_settings(method, max_iter, alpha, adaptive_weights, density, regmean_shrink, modules,
@@ -112,12 +115,10 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
         forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
         if len(forwards) != n:
             raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
-        history = _iterate(model, layers, batches, forwards, settings, mix, progress)
+        history = _iterate(model, layers, batches, forwards, settings, mix, progress, on_iteration)
     return MergeResult(
         method=method,
-        deltas={name: layer.target.info.to_weight_layout(layer.delta).float().cpu()
-                if layer.target.info.kind == "conv2d" else layer.delta.float().cpu()
-                for name, layer in layers.items()},
+        deltas=_weight_layout(layers),
         factors={name: tuple(f.float().cpu() for f in layer.factors)
                  for name, layer in layers.items() if layer.factors is not None},
         history=history,
@@ -213,7 +214,13 @@ def _calibration_lists(calibration, n: int) -> list[list]:
     return lists
 
 
-def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress) -> list[IterationRecord]:
+def _weight_layout(layers: dict[str, _Layer]) -> dict[str, torch.Tensor]:
+    return {name: layer.target.info.to_weight_layout(layer.delta).float().cpu()
+            if layer.target.info.kind == "conv2d" else layer.delta.float().cpu() for name, layer in layers.items()}
+
+
+def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
+             on_iteration=None) -> list[IterationRecord]:
     targets = {name: layer.target for name, layer in layers.items()}
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     task_deltas = [{name: layer.loras[i] for name, layer in layers.items()} for i in range(len(batches))]
@@ -242,6 +249,9 @@ def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix,
                 record = _solve_all(layers, grams, first, settings, mix, t, writer)
                 record.seconds = time.perf_counter() - tick
                 history.append(record)
+                if on_iteration is not None:
+                    writer.set({})  # the callback sees the base model W0, as merge_loras' caller does
+                    on_iteration(record, _weight_layout(layers))
                 bar.set_postfix(objective=f"{record.mean_objective():.3g}")
                 tol = settings["tol"]
                 if tol is not None and t > 1 and max(record.change.values()) < tol:

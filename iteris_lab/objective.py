@@ -88,6 +88,12 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
         raise SolveError(f"layer {problem.name}: {problem.rows} calibration rows for {problem.in_features} inputs "
                          "make Σλ_i X̃_iᵀX̃_i singular with alpha=0; use alpha > 0 (e.g. 1e-4) or more samples.")
     g = sum(lam * regularize(gram, alpha) for lam, gram in zip(problem.weights, problem.gram))
+    # An input feature that is exactly 0 on every calibration row (a dead dimension, e.g. of a text encoder) has
+    # a zero row and column in every Gram: W's column there is free, and 1 on the diagonal picks the minimum-norm
+    # choice, 0.
+    dead = g.diagonal() <= 0
+    if dead.any():
+        g = g + torch.diag(dead.to(g.dtype))
     chol, info = torch.linalg.cholesky_ex(g)
     if info.item() > 0:
         raise SolveError(f"layer {problem.name}: Σλ_i X̃_iᵀX̃_i is singular (rank-deficient features); "

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_objective",
-           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores"]
+           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_image_grid"]
 
 
 # ---------------------------------------------------------------- labels
@@ -261,3 +261,29 @@ def plot_scores(table, title: str = "normalized score (merged / own LoRA)") -> F
     frame = pd.concat([frame[["method", "task", "normalized"]], mean], ignore_index=True)
     return plot_bars(frame, x="task", y="normalized", hue="method", title=title,
                      ylabel="normalized score", reference=1.0)
+
+
+def plot_image_grid(rows: dict, columns=None, title: str = "", cell: float = 0.55) -> Figure:
+    """A grid of grey images: one row per key of `rows` ({row label: (N, 1, H, W) or (N, H, W) in [0, 1]}),
+    N images per row; `columns` optionally labels the columns."""
+    labels = list(rows)
+    n = max(len(v) for v in rows.values())
+    fig = Figure(figsize=(2.2 + cell * n, 0.3 + cell * len(labels)), layout="constrained")
+    axes = fig.subplots(len(labels), n, squeeze=False)
+    for r, label in enumerate(labels):
+        images = _numpy(torch.as_tensor(rows[label]).reshape(len(rows[label]), *rows[label].shape[-2:]))
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c < len(images):
+                ax.imshow(images[c], cmap="gray_r", vmin=0, vmax=1)
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
+            if r == 0 and columns is not None and c < len(columns):
+                ax.set_title(str(columns[c]), fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig

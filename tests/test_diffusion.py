@@ -1,0 +1,174 @@
+"""The diffusion track: digits and their style metrics, calibration batches, and IterIS on a UNet with conv LoRAs."""
+import json
+
+import pytest
+import torch
+
+from iteris_lab import diffusion as dm
+from iteris_lab.adapters import LoraLayer, load_adapter
+from iteris_lab.bench import weights_added
+from iteris_lab.digits import digit_images, fit_judge, ink, slant, slant_score, split_indices, thicken
+from iteris_lab.diffusion_bench import concept_scores, prompts_for
+from iteris_lab.features import gram_pass
+from iteris_lab.merge import merge_loras
+from iteris_lab.targets import Target
+
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+                 norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
+
+
+def test_style_metrics_measure_their_style():
+    images, labels = digit_images(16)
+    assert images.shape == (1797, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert ink(thicken(images)).mean() > ink(images).mean() + 0.15
+    assert abs(float(slant_score(images).mean())) < 0.1
+    assert float(slant_score(slant(images, 0.45)).mean()) > 0.3
+    assert float(slant_score(slant(images, -0.45)).mean()) < -0.3
+
+
+def test_split_is_seeded_stratified_and_disjoint():
+    _, labels = digit_images(8)
+    train, test = split_indices(labels, n_test=300, seed=0)
+    again, _ = split_indices(labels, n_test=300, seed=0)
+    other, _ = split_indices(labels, n_test=300, seed=1)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+    assert set(train.tolist()).isdisjoint(test.tolist()) and len(train) + len(test) == len(labels)
+    assert torch.bincount(labels[test]).tolist() == [30] * 10
+
+
+def test_judge_reads_every_style():
+    judge = fit_judge(16)
+    assert set(judge.held_out) == {"plain", "thick", "slant", "thick+slant"}
+    assert min(judge.held_out.values()) > 0.9
+    with pytest.raises(ValueError, match="16x16"):
+        judge.predict(torch.zeros(2, 1, 8, 8))
+
+
+def test_prompts_name_digit_and_concepts():
+    prompts, digits = prompts_for(("thick", "slant"), 12)
+    assert digits.tolist() == list(range(10)) + [0, 1]
+    assert "seven" in prompts[7] and "vxq" in prompts[7] and "bkz" in prompts[7]
+    assert prompts[0] != prompts[10]  # the template changes after every ten digits
+
+
+def test_noisy_batches_cover_every_pair_with_seeded_noise():
+    images, cond, mask = torch.zeros(3, 1, 8, 8), torch.randn(3, 5, 12), torch.ones(3, 5, dtype=torch.long)
+    batches = dm.noisy_batches(images, cond, mask, timesteps=(10, 500), batch_size=4, seed=0)
+    assert [len(b["sample"]) for b in batches] == [4, 2]
+    assert torch.cat([b["timestep"] for b in batches]).tolist() == [10, 10, 10, 500, 500, 500]
+    again = dm.noisy_batches(images, cond, mask, timesteps=(10, 500), batch_size=4, seed=0)
+    assert torch.equal(batches[0]["sample"], again[0]["sample"])
+    noisy = torch.cat([b["sample"] for b in batches])
+    assert noisy[:3].std() < noisy[3:].std()  # more noise at the later timestep
+    with pytest.raises(ValueError, match="disagree"):
+        dm.noisy_batches(images, cond[:2], mask)
+
+
+def test_concept_scores_place_base_at_zero_and_lora_at_one():
+    base = {s: {"ink": 0.3, "slant_score": 0.0} for s in ("both", "thick", "slant", "plain")}
+    own = {"thick": {**base, "thick": {"ink": 0.5, "slant_score": 0.0}},
+           "slant": {**base, "slant": {"ink": 0.3, "slant_score": 0.4}}}
+    merged = {"both": {"ink": 0.4, "slant_score": 0.4}, "thick": {"ink": 0.5, "slant_score": 0.1},
+              "slant": {"ink": 0.35, "slant_score": 0.2}, "plain": {"ink": 0.3, "slant_score": 0.0}}
+    scores = concept_scores(merged, base, own)
+    assert scores["fidelity"] == pytest.approx({"thick": 0.5, "slant": 1.0})
+    assert scores["alone"] == pytest.approx({"thick": 1.0, "slant": 0.5})
+    assert scores["leakage"] == pytest.approx({"thick": 0.25, "slant": 0.25})
+
+
+def _tiny_unet_and_loras(tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = dm.build_unet(TINY_UNET).eval().requires_grad_(False)
+    dirs = []
+    for k in range(2):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                            init_lora_weights=False)
+        wrapped = inject_adapter_in_model(config, dm.build_unet(TINY_UNET))
+        state = {f"base_model.model.{n}": v for n, v in get_peft_model_state_dict(wrapped).items()}
+        path = tmp_path / f"lora{k}"
+        path.mkdir()
+        save_file({n: v.contiguous() for n, v in state.items()}, str(path / "adapter_model.safetensors"))
+        config.save_pretrained(str(path))
+        dirs.append(path)
+    return unet, dirs
+
+
+def _batches(seed, lengths=(3, 5)):
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(len(lengths), 6, 12, generator=generator)
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    images = torch.rand(len(lengths), 1, 8, 8, generator=generator) * 2 - 1
+    return dm.noisy_batches(images, cond, mask, timesteps=(100, 700), batch_size=2, seed=seed)
+
+
+def test_unet_loras_load_with_conv_layers(tmp_path):
+    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    adapter = load_adapter(dirs[0])
+    convs = [n for n, layer in adapter.layers.items() if layer.A.dim() == 4]
+    assert convs and all(n.endswith(("conv1", "conv2")) for n in convs)
+    assert any(n.endswith("attn2.to_k") for n in adapter.layers)
+
+
+def test_cross_attention_rows_are_the_real_text_tokens(tmp_path):
+    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    modules = dict(unet.named_modules())
+    names = [n for n in modules if n.endswith(("attn2.to_k", "attn2.to_v", "attn1.to_q"))]
+    grams = gram_pass(unet, {n: Target(n, modules[n]) for n in names}, _batches(0), None, False)
+    rows = {group[0].rsplit(".", 1)[-1]: count for group, count in grams.rows.items()}
+    assert rows["to_k"] == 2 * (3 + 5)  # two timesteps x real tokens; padding never enters
+    assert rows["to_q"] == 2 * 2 * 4 * 4  # two timesteps x two images x the 4x4 latent positions
+
+
+def test_iteris_on_a_unet_reports_every_iteration_and_leaves_it_unchanged(tmp_path):
+    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    before = {n: p.clone() for n, p in unet.state_dict().items()}
+    seen = []
+    result = merge_loras(unet, dirs, [_batches(1), _batches(2)], max_iter=3, progress=False,
+                         on_iteration=lambda record, deltas: seen.append((record.iteration, deltas)))
+    assert all(torch.equal(before[n], p) for n, p in unet.state_dict().items())
+    assert [t for t, _ in seen] == [1, 2, 3]
+    two = merge_loras(unet, dirs, [_batches(1), _batches(2)], max_iter=2, progress=False)
+    for name, delta in two.deltas.items():
+        torch.testing.assert_close(seen[1][1][name], delta)
+    conv = next(n for n in result.deltas if n.endswith("conv1"))
+    assert result.deltas[conv].shape == dict(unet.named_modules())[conv].weight.shape
+    assert seen[0][1][conv].abs().sum() > 0
+    with weights_added(unet, result.deltas):
+        pass
+    assert all(torch.equal(before[n], p) for n, p in unet.state_dict().items())
+
+
+def test_regmean_solves_with_a_dead_text_feature(tmp_path):
+    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    batches = [_batches(1), _batches(2)]
+    for task in batches:
+        for b in task:
+            b["encoder_hidden_states"][..., 3] = 0.0  # a feature the text encoder never uses
+    result = merge_loras(unet, dirs, batches, method="regmean", progress=False)
+    to_k = next(n for n in result.deltas if n.endswith("attn2.to_k"))
+    assert torch.isfinite(result.deltas[to_k]).all()
+    assert result.deltas[to_k][:, 3].abs().max() == 0  # the minimum-norm answer on a direction with no data
+
+
+def test_training_writes_loadable_base_and_concept_lora(tmp_path):
+    from iteris_lab.diffusion_train import BaseRecipe, LoraRecipe, train_base, train_concept_lora
+
+    encoder = dm.TextEncoder()
+    train_base(encoder, BaseRecipe(steps=2, batch_size=8, warmup_steps=1), tmp_path / "base")
+    unet = dm.load_base(tmp_path / "base")
+    assert not any(p.requires_grad for p in unet.parameters())
+    log = train_concept_lora(tmp_path / "base", "thick", encoder, tmp_path / "thick",
+                             LoraRecipe(steps=2, batch_size=8, warmup_steps=1))
+    assert log["steps_done"] == 2
+    adapter = load_adapter(tmp_path / "thick")
+    assert len(adapter.layers) == 48  # 32 attention projections + 16 resnet convolutions
+    recipe = json.loads((tmp_path / "thick" / "recipe.json").read_text())
+    assert recipe["concept"]["phrase"] == "in vxq style" and recipe["recipe"]["prior_fraction"] == 0.5
+    with pytest.raises(ValueError, match="unknown concept"):
+        train_concept_lora(tmp_path / "base", "blurry", encoder, tmp_path / "x", LoraRecipe(steps=1))
+    with pytest.raises(FileNotFoundError, match="train_diffusion.py"):
+        dm.load_base(tmp_path / "nowhere")
