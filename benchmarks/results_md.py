@@ -44,6 +44,38 @@ def section(name: str, out: dict) -> str:
     return "\n".join(lines)
 
 
+def diffusion_section(out: dict) -> str:
+    from iteris_lab.diffusion_bench import markdown_table as diffusion_table
+
+    env, rows, base = out["environment"], out["results"], out["base_recipe"]
+    by = {r["label"]: r for r in rows}
+    chosen = out["iteris_chosen"]
+    lines = ["## Text-to-image: concept LoRAs on a pixel-space UNet (MiniLM text encoder)", "",
+             f"Profile `{out['profile']}`; {env['device']}, {env['cpu_count']} cores, torch {env['torch']}; whole run "
+             f"{out['seconds'] / 60:.1f} min. {out['samples_per_prompt_set']} samples per prompt set, "
+             f"{out['sampler']}; calibration timesteps {out['calibration_timesteps']}.",
+             f"Base UNet: {base['training']['steps_done']} steps ({base['training']['seconds'] / 60:.0f} min), content "
+             f"accuracy {base['quality']['content_guidance_1']:.3f} on {base['quality']['samples']} samples. Judge held-out "
+             "accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in out["judge_held_out"].items()) + ".",
+             f"IterIS settings chosen on validation prompts and noises: alpha={chosen['alpha']}, "
+             f"adaptive_weights={chosen['adaptive_weights']}.", "",
+             "Concept levels: 0 = the base on plain prompts, 1 = the concept's own LoRA on its own prompt. "
+             "*both*: prompts asking for both concepts; *alone*: the concept's own prompt; *leak*: the largest level "
+             "on prompt sets that do not ask for it. Content: judge accuracy, mean over the four prompt sets.", "",
+             diffusion_table(rows), "",
+             "Mean fidelity on 'both' prompts: " + ", ".join(
+                 f"{k} {by[k]['mean_fidelity']:.3f}" for k in ("iteris", "regmean", "regmean_many", "linear",
+                                                              "task_arithmetic", "ties") if k in by) + ".", "",
+             "| alpha | adaptive weights | val score (fidelity - leakage) | val content |", "|---|---|---|---|"]
+    lines += [f"| {g['alpha']} | {g['adaptive_weights']} | {g['val_score']:.3f} | {g['val_content']:.3f} |"
+              for g in out["iteris_validation"]]
+    lines.append("")
+    for png, alt in (("diffusion_scores.png", "concept levels"), ("diffusion_grid.png", "samples")):
+        if (ROOT / "docs" / png).is_file():
+            lines += [f"![diffusion {alt}]({png})", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     notes = ROOT / "docs" / "results_notes.md"
     parts = ["# Results", "",
@@ -55,6 +87,8 @@ def main() -> int:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             parts.append(section(name, json.loads(path.read_text())))
+    if (RESULTS / "diffusion.json").is_file():
+        parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
     if notes.is_file():
         parts.append(notes.read_text())
     (ROOT / "docs" / "results.md").write_text("\n".join(parts))

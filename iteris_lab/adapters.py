@@ -77,12 +77,12 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _scale(config: dict, module: str, rank: int) -> float:
+def scale_of(config: dict, module: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
 
 
-def _check_config(config: dict, path: Path) -> None:
+def check_config(config: dict, path: Path) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{path}: adapter type {peft_type} is not supported; IterIS merges LoRA adapters only.")
@@ -108,7 +108,7 @@ def load_adapter(path) -> LoraAdapter:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_file} is not valid JSON: {err}") from err
-    _check_config(config, path)
+    check_config(config, path)
     state = _load_state(path)
     layers, extra = _split_state(state, config, path)
     if not layers:
@@ -146,7 +146,7 @@ def _split_state(state: dict, config: dict, path: Path) -> tuple[dict[str, LoraL
         A, B = pair["A"].float(), pair["B"].float()
         if A.shape[0] != B.shape[1]:
             raise AdapterError(f"{path}: module {module}: lora_A has rank {A.shape[0]} but lora_B has {B.shape[1]}.")
-        layers[module] = LoraLayer(A, B, _scale(config, module, A.shape[0]))
+        layers[module] = LoraLayer(A, B, scale_of(config, module, A.shape[0]))
     return layers, extra
 
 
