@@ -3,7 +3,7 @@
     ITERIS_PROFILE=cpu python benchmarks/diffusion.py
 writes benchmarks/results/diffusion.json (every number), diffusion.md (the table), docs/diffusion_scores.png and
 docs/diffusion_grid.png (samples of every model for prompts asking for both concepts).
-Validation = other prompt templates and other start noises (seed 1) than the test (seed 0). The validation score
+Validation = other prompt templates and other start noises (seed 1) than the test (seed 0), half as many samples. The validation score
 is mean fidelity on "both" prompts minus mean leakage; content accuracy breaks ties.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from iteris_lab import diffusion as dm
 from iteris_lab.bench import environment, method_specs, weights_added
-from iteris_lab.diffusion_bench import (METHODS, calibration, load_diffusion_track, markdown_table, measure,
+from iteris_lab.diffusion_bench import (METHODS, calibration, load_diffusion_track, markdown_table,
                                         merge_and_measure, prompts_for, references, run_methods, summary_row)
 from iteris_lab.profiles import current_profile
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     start, profile = time.perf_counter(), current_profile()
     n = args.samples or SAMPLES[profile.name]
     track = load_diffusion_track()
-    chosen, tried = choose_iteris(track, profile, n)
+    chosen, tried = choose_iteris(track, profile, max(20, n // 2))
     rows = run_methods(track, profile, n, METHODS, iteris=chosen)
     out = {"model": "diffusion", "profile": profile.name, "samples_per_prompt_set": n, "sampler": "DDIM 25, guidance 1",
            "calibration_timesteps": list(dm.CALIBRATION_TIMESTEPS), "judge_held_out": track.judge.held_out,

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from peft import PeftModel
 
 from iteris_lab.cli import build_parser, load_base, main

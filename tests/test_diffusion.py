@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from iteris_lab import diffusion as dm
-from iteris_lab.adapters import LoraLayer, load_adapter
+from iteris_lab.adapters import load_adapter
 from iteris_lab.bench import weights_added
 from iteris_lab.digits import digit_images, fit_judge, ink, slant, slant_score, split_indices, thicken
 from iteris_lab.diffusion_bench import concept_scores, prompts_for

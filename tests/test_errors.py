@@ -9,7 +9,7 @@ import torch
 
 import iteris_lab
 from iteris_lab import AdapterError, CalibrationError, ExportError, IterisError, SolveError
-from tiny import TARGETS, build_tiny, make_lora, merge_case, token_batches
+from tiny import TARGETS, build_tiny, make_lora, merge_case
 
 
 def fingerprint(model, folders):
