@@ -87,6 +87,11 @@ def main() -> int:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             parts.append(section(name, json.loads(path.read_text())))
+    if (RESULTS / "vlm.md").is_file():  # written by benchmarks/vlm.py from its JSON
+        parts += ["## Vision-language: caption-style LoRAs on a small LLaVA (SmolLM2-135M)", "",
+                  "Reproduce with `ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation`; metrics and their "
+                  "reading in [vlm.md](vlm.md).", "",
+                  (RESULTS / "vlm.md").read_text().split("\n", 1)[1].strip(), ""]
     if (RESULTS / "diffusion.json").is_file():
         parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
     if notes.is_file():
