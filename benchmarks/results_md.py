@@ -81,7 +81,7 @@ def main() -> int:
     parts = ["# Results", "",
              "Every table below is rendered by `python benchmarks/results_md.py` from the JSON that the benchmark "
              "wrote (`benchmarks/results/*.json`); reproduce with `ITERIS_PROFILE=cpu python benchmarks/llm.py "
-             "--model minilm` (or `smollm2`). Normalized = accuracy / accuracy of the task's own LoRA; "
+             "--model minilm` (or `smollm2`), `benchmarks/vlm.py` and `benchmarks/diffusion.py`. Normalized = accuracy / accuracy of the task's own LoRA; "
              "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", ""]
     for name in ("minilm", "smollm2"):
         path = RESULTS / f"{name}.json"
