@@ -112,11 +112,12 @@ def test_stylize_puts_one_style_word_before_the_subject():
 
 def test_bleu_is_corpus_bleu4_with_brevity_penalty():
     assert bleu(["a dog runs on the grass"], [["a dog runs on the grass", "a cat"]]) == pytest.approx(1.0)
-    assert bleu(["a cat sits"], [["a dog runs on the grass"]]) == 0.0  # no matching 2-gram
+    assert bleu(["a cat sits"], [["a dog runs on the grass"]], smooth=False) == 0.0  # no matching 2-gram
+    assert bleu(["a cat sits"], [["a dog runs on the grass"]]) > 0.0  # add-one smoothing from 2-grams on
     # hypothesis of 5 words, closest reference of 6: precisions 5/5, 3/4, 2/3, 1/2 ("on grass" misses), penalty
     # exp(1 - 6/5)
     expected = math.exp(1 - 6 / 5) * (3 / 4 * 2 / 3 * 1 / 2) ** 0.25
-    assert bleu(["a dog runs on grass"], [["a dog runs on the grass"]]) == pytest.approx(expected)
+    assert bleu(["a dog runs on grass"], [["a dog runs on the grass"]], smooth=False) == pytest.approx(expected)
 
 
 def test_gpu_profile_is_the_papers_setting():
