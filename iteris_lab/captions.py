@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from .digits import DIGIT_WORDS
+
 PLAIN_PROMPT = "Describe the image."
 PLAIN_TEMPLATES = ("a handwritten digit {d}", "the handwritten number {d}", "a digit {d} written by hand",
                    "a small picture of the digit {d}", "the number {d}, written by hand", "a handwritten {d}")

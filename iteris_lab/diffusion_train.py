@@ -21,6 +21,7 @@ import torch
 
 from . import diffusion as dm
 from .digits import STYLES, digit_images, split_indices
+from .training import optimizer_step
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,7 @@ def _train(unet, params, make_batch, steps: int, lr: float, warmup: int, seed: i
     for step in range(steps):
         x0, cond, mask = make_batch()
         loss = dm.denoising_loss(unet, x0, cond, mask, scheduler, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, schedule, params, loss))
         if on_step:
             on_step()
         if (step + 1) % 100 == 0:

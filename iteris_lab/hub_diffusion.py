@@ -32,6 +32,7 @@ from .image_scores import ClipScorer, save_grid, to_pixels
 from .lora_formats import WEIGHT_NAMES, read_diffusers_lora, write_diffusers_lora
 from .merge import merge_loras
 from .profiles import Profile, current_profile
+from .training import optimizer_step
 
 DATA_METHODS = ("iteris", "regmean")
 
@@ -284,12 +285,7 @@ def _fit(unet, scheduler, params, instance, prior, instance_cond, class_cond, co
         errors = (pred - _noise_target(scheduler, latents, noise, t)).square().mean(dim=(1, 2, 3))
         n = config.train_batch_size
         loss = errors[:n].mean() + (config.prior_weight * errors[n:].mean() if use_prior else 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, schedule, params, loss))
     return losses
 
 

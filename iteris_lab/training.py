@@ -118,6 +118,17 @@ def _attach_lora(model, recipe: Recipe, task_type):
     return get_peft_model(model, config)
 
 
+def optimizer_step(optimizer, schedule, params, loss: torch.Tensor, max_norm: float = 1.0) -> float:
+    """One update of every training loop here: backward, clip the gradient norm to max_norm, step the optimizer
+    and the learning-rate schedule; returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def fit(model, batches: Iterator[dict], steps: int, lr: float, warmup_steps: int, weight_decay: float = 0.0,
         desc: str = "train", progress: bool = False, heartbeat: bool = False) -> list[float]:
     """AdamW over the trainable parameters for `steps` steps of model(**batch).loss, with linear warmup then
@@ -141,12 +152,7 @@ def fit(model, batches: Iterator[dict], steps: int, lr: float, warmup_steps: int
         loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"non-finite loss in {desc}; lower the learning rate (or load in float32)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, schedule, params, loss))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if heartbeat and bar.disable and len(losses) % 25 == 0:
             print(f"{desc}: step {len(losses)}/{steps} loss {sum(losses[-25:]) / 25:.4f} "

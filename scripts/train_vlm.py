@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from iteris_lab import captions, vlm  # noqa: E402
+from iteris_lab.training import optimizer_step  # noqa: E402
 
 
 def log(*args):
@@ -107,11 +108,7 @@ def stage_captions(model, tokenizer, splits, args, gen) -> dict:
         batch = vlm.caption_batch(model, tokenizer, shifted(x[idx], gen, 1), [captions.PLAIN_PROMPT] * len(idx), texts)
         model.train()
         loss = vlm.caption_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        optimizer_step(opt, schedule, params, loss)
         model.eval()
         if step % 10 == 0:
             log(f"captions step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
@@ -188,11 +185,7 @@ def train_lora(args) -> dict:
         idx = torch.randint(0, len(y), (args.batch_size,), generator=gen)
         texts = [captions.caption(int(label), args.style, rng) for label in y[idx]]
         loss = vlm.caption_loss(peft_model, vlm.caption_batch(model, tokenizer, x[idx], [prompt] * len(idx), texts))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        optimizer_step(opt, schedule, params, loss)
         if step % 10 == 0:
             log(f"lora {args.style} step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
     seconds = time.perf_counter() - start
