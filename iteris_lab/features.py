@@ -76,6 +76,21 @@ def to_device(batch, device):
     return batch
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where calibration batches go: the model's device, or for a model dispatched by accelerate (device_map) its
+    first execution device (offloaded parts execute there too)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for device in device_map.values():
+            if device not in ("cpu", "disk", "meta"):
+                return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        return torch.device("cpu")
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def run_forward(model: nn.Module, batch, forward: Forward | None):
     if forward is not None:
         return forward(model, batch)
@@ -118,10 +133,12 @@ class Grams:
 
 class Capture:
     """Forward pre-hooks on the targets. Each call hands `on_rows(index, group, rows)` the masked rows
-    (float32) of each distinct input, once per group of consecutive modules reading the same tensor."""
+    (in `dtype`, float32 by default) of each distinct input, once per group of consecutive modules reading the
+    same tensor."""
 
-    def __init__(self, targets: dict[str, Target], on_rows: Callable[[int, tuple, torch.Tensor], None]):
-        self.targets, self.on_rows = targets, on_rows
+    def __init__(self, targets: dict[str, Target], on_rows: Callable[[int, tuple, torch.Tensor], None],
+                 dtype: torch.dtype = torch.float32):
+        self.targets, self.on_rows, self.dtype = targets, on_rows, dtype
         self.masks: dict[str, torch.Tensor] = {}
         self._pending: tuple | None = None  # (x, signature, [names], rows)
         self._index = 0
@@ -144,11 +161,11 @@ class Capture:
         def hook(module, args, kwargs):
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             pending = self._pending
-            if pending is not None and _same_tensor(pending[0], x) and pending[1] == target.row_signature:
+            if pending is not None and same_tensor(pending[0], x) and pending[1] == target.row_signature:
                 pending[2].append(name)
                 return None
             self.flush()
-            rows = target.rows(x.detach(), mask_for(name, x, self.masks)).float()
+            rows = target.rows(x.detach(), mask_for(name, x, self.masks)).to(self.dtype)
             self._pending = (x, target.row_signature, [name], rows)
             return None
         return hook
@@ -165,7 +182,7 @@ class Capture:
         self.masks, self._index = masks, 0
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     # `a` is still referenced, so its memory cannot have been reused: equal pointers mean the same data.
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
                       and a.dtype == b.dtype)
@@ -179,11 +196,11 @@ def check_finite(grams: Grams, task: int) -> None:
 
 
 def gram_pass(model, targets: dict[str, Target], batches, forward: Forward | None = None,
-              encoder_decoder: bool = False) -> Grams:
+              encoder_decoder: bool = False, dtype: torch.dtype = torch.float32) -> Grams:
     """Grams of the model as it is now (X̃ = X): gram[g] = cross[g] = XᵀX."""
     grams = Grams()
-    capture = Capture(targets, lambda index, group, rows: grams.add(group, rows, None))
-    device = next(model.parameters()).device
+    capture = Capture(targets, lambda index, group, rows: grams.add(group, rows, None), dtype)
+    device = input_device(model)
     with capture, torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
@@ -195,7 +212,7 @@ def gram_pass(model, targets: dict[str, Target], batches, forward: Forward | Non
 
 def paired_pass(model, targets: dict[str, Target], batches, use_task: Callable[[], None],
                 use_merged: Callable[[], None], forward: Forward | None = None,
-                encoder_decoder: bool = False) -> Grams:
+                encoder_decoder: bool = False, dtype: torch.dtype = torch.float32) -> Grams:
     """XᵀX̃ and X̃ᵀX̃: each batch runs once with the task's LoRA (X) and once through the merged model (X̃)."""
     grams, stored = Grams(), []
 
@@ -209,8 +226,8 @@ def paired_pass(model, targets: dict[str, Target], batches, use_task: Callable[[
                                    "teacher-forced passes (not sampling or generate()).")
         grams.add(group, stored[index][1], rows)
 
-    task_capture, merged_capture = Capture(targets, keep), Capture(targets, pair)
-    device = next(model.parameters()).device
+    task_capture, merged_capture = Capture(targets, keep, dtype), Capture(targets, pair, dtype)
+    device = input_device(model)
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)

@@ -1,15 +1,19 @@
-"""merge_loras(): the IterIS loop.
+"""merge_loras(): the IterIS loop, in two schedules.
 
+jacobi (the paper's iterations, `max_iter` solves):
     iteration 1   run task i's samples with LoRA i active -> X_i (and X̃_i = X_i) -> λ_i -> solve every layer
-    iteration t   write the merged ΔW into the model -> re-run -> X̃_i -> solve every layer again (Jacobi)
+    iteration t   switch the merged ΔW on -> re-run -> X̃_i -> solve every layer again
+sweep (sweep.py): solve each layer as soon as the merged model's inputs X̃ for it exist, in one pass.
 
 Iteration 1 with λ = 1 and α = 0 is RegMean on the LoRA deltas. A layer's input depends only on the layers
-before it, so on a chain of J adapted layers the loop reaches its fixed point after J solves.
+before it, so on a chain of J adapted layers Jacobi reaches its fixed point after J solves; the sweep reaches the
+same fixed point directly. ΔW is applied through forward hooks (deltas.py): the base weights are never written.
 """
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,14 +22,18 @@ from tqdm.auto import tqdm
 from . import baselines
 from .adapters import LoraAdapter, LoraLayer, load_adapter
 from .errors import AdapterError, CalibrationError, IterisError
+from .deltas import DeltaHooks
 from .features import Grams, check_coverage, gram_pass, paired_pass
 from .objective import (WEIGHT_VARIANTS, LayerProblem, adaptive_weight, objective, output_energy,
                         shrink_off_diagonal, solve)
 from .result import MergeResult
-from .targets import Target, WeightWriter, resolve_names
+from .sweep import SweepTask, one_sweep
+from .targets import Target, resolve_names
 
 METHODS = ("iteris", "regmean") + baselines.DATA_FREE
 MODULE_POLICIES = ("error", "intersection", "union")
+SCHEDULES = ("jacobi", "sweep")
+GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -38,6 +46,8 @@ class IterationRecord:
                really does); None at iteration 1
     drift:     ‖X_i − X̃_i‖² / ‖X_i‖² for the layer's input (0 at iteration 1)
     change:    ‖ΔW_t − ΔW_{t−1}‖ / ‖ΔW_t‖ (1 at iteration 1)
+    The sweep schedule records one IterationRecord: its features are the merged model's own, so
+    merged_objective equals objective, and `change` is empty (there is no previous solve).
     """
 
     iteration: int
@@ -66,7 +76,8 @@ class _Layer:
 def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", max_iter: int = 10,
                 alpha: float = 1e-4, adaptive_weights: str = "official", weights=None, density: float = 0.5,
                 regmean_shrink: float = 0.9, modules: str = "error", forward=None, seed: int = 0,
-                progress: bool = True, tol: float | None = None, on_iteration=None) -> MergeResult:
+                progress: bool = True, tol: float | None = None, on_iteration=None, schedule: str = "jacobi",
+                gram_dtype: str = "float32") -> MergeResult:
     """Merge N ≥ 2 LoRA adapters of `model` into one ΔW per adapted layer.
 
     model:       the base nn.Module, without adapters; it is left unchanged (weights restored on return or error).
@@ -76,7 +87,14 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
                  mark real positions: padding never enters a Gram. Iterables are read into lists.
     method:      "iteris" | "regmean" | "linear" | "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" |
                  "magnitude_prune" | "cat".
-    max_iter:    number of solves (iteris). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
+    schedule:    (iteris) "jacobi": the paper's loop, `max_iter` solves of every layer, each from a fresh pass of
+                 the previous merge; "sweep": the loop's fixed point in one pass (each layer solved as soon as the
+                 merged model's inputs for it exist; see iteris_lab.sweep) — what Jacobi reaches after J solves on
+                 a chain of J adapted layers, at about the cost of RegMean.
+    max_iter:    number of solves (iteris, jacobi). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
+    gram_dtype:  "float32" (default) or "float64": the precision the statistics XᵀX̃ are summed in. Solves are
+                 always float64; float64 statistics matter when α is tiny (≤ 1e-6) and a layer sees fewer
+                 rows than inputs (rank-deficient Grams, the paper's Flan-T5 setting).
     adaptive_weights: λ_i variant: "official" (default, as the authors' code: W0 + ΔW_i in both norms),
                  "paper" (ΔW_i only) or "none".
     weights:     per-task multipliers: on λ_i for iteris (the official code's manual coefficients), the
@@ -94,7 +112,7 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     """
     start = time.perf_counter()
     settings = _check_settings(method, max_iter, alpha, adaptive_weights, density, regmean_shrink, modules,
-                               tol, seed)
+                               tol, seed, schedule, gram_dtype)
     loras = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     if len(loras) < 2:
         raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
@@ -115,7 +133,9 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
         forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
         if len(forwards) != n:
             raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
-        history = _iterate(model, layers, batches, forwards, settings, mix, progress, on_iteration)
+        run = _sweep if settings["schedule"] == "sweep" else _iterate
+        with _calibration_mode(model):
+            history = run(model, layers, batches, forwards, settings, mix, progress, on_iteration)
     return MergeResult(
         method=method,
         deltas=_weight_layout(layers),
@@ -129,7 +149,8 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     )
 
 
-def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, tol, seed) -> dict:
+def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, tol, seed, schedule,
+                    gram_dtype) -> dict:
     if method not in METHODS:
         raise IterisError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if not isinstance(max_iter, int) or max_iter < 1:
@@ -144,10 +165,17 @@ def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, 
         raise IterisError(f"regmean_shrink must be in [0, 1], got {shrink!r}.")
     if modules not in MODULE_POLICIES:
         raise IterisError(f"modules must be one of {MODULE_POLICIES}, got {modules!r}.")
+    if schedule not in SCHEDULES:
+        raise IterisError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if str(gram_dtype).removeprefix("torch.") not in GRAM_DTYPES:
+        raise IterisError(f"gram_dtype must be one of {tuple(GRAM_DTYPES)}, got {gram_dtype!r}.")
+    gram_dtype = str(gram_dtype).removeprefix("torch.")
     if method == "regmean":
-        max_iter, variant, alpha = 1, "none", 0.0
-    return dict(method=method, max_iter=max_iter, alpha=alpha, adaptive_weights=variant, density=density,
-                regmean_shrink=shrink, modules=modules, tol=tol, seed=seed)
+        max_iter, variant, alpha, schedule = 1, "none", 0.0, "jacobi"
+    if schedule == "sweep":
+        max_iter, tol = 1, None
+    return dict(method=method, schedule=schedule, max_iter=max_iter, alpha=alpha, adaptive_weights=variant,
+                density=density, regmean_shrink=shrink, modules=modules, tol=tol, seed=seed, gram_dtype=gram_dtype)
 
 
 def _task_weights(weights, method: str, n: int) -> list[float]:
@@ -179,7 +207,7 @@ def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
     order = {name: k for k, name in enumerate(modules)}
     layers = {}
     for name in sorted(chosen, key=order.get):
-        target = Target(name, modules[name])
+        target = Target(name, modules[name], model)
         loras_here = [p.get(name) for p in per_adapter]
         for adapter, lora in zip(loras, loras_here):
             _check_shape(adapter, name, lora, target)
@@ -219,49 +247,104 @@ def _weight_layout(layers: dict[str, _Layer]) -> dict[str, torch.Tensor]:
             if layer.target.info.kind == "conv2d" else layer.delta.float().cpu() for name, layer in layers.items()}
 
 
-def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
-             on_iteration=None) -> list[IterationRecord]:
-    targets = {name: layer.target for name, layer in layers.items()}
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    task_deltas = [{name: layer.loras[i] for name, layer in layers.items()} for i in range(len(batches))]
-    quiet = not progress or bool(os.environ.get("TQDM_DISABLE"))
-    history: list[IterationRecord] = []
+@contextmanager
+def _calibration_mode(model):
+    """Eval mode and no KV cache (passes run side by side in the sweep) for the merge; both restored after."""
+    config = getattr(model, "config", None)
+    cache = getattr(config, "use_cache", None)
     was_training = model.training
     model.eval()
+    if cache:
+        config.use_cache = False
     try:
-        with WeightWriter(targets) as writer:
-            bar = tqdm(range(1, settings["max_iter"] + 1), desc=f"{settings['method']} solves", disable=quiet)
-            for t in bar:
-                tick = time.perf_counter()
-                grams = []
-                for i in tqdm(range(len(batches)), desc=f"solve {t}: tasks", leave=False, disable=quiet):
-                    if t == 1:
-                        writer.set(task_deltas[i])
-                        g = gram_pass(model, targets, batches[i], forwards[i], encoder_decoder)
-                    else:
-                        merged = {name: layer.delta for name, layer in layers.items()}
-                        g = paired_pass(model, targets, batches[i], lambda i=i: writer.set(task_deltas[i]),
-                                        lambda m=merged: writer.set(m), forwards[i], encoder_decoder)
-                    check_coverage(g, targets, i)
-                    grams.append(g)
-                if t == 1:
-                    first = grams
-                record = _solve_all(layers, grams, first, settings, mix, t, writer)
-                record.seconds = time.perf_counter() - tick
-                history.append(record)
-                if on_iteration is not None:
-                    writer.set({})  # the callback sees the base model W0, as merge_loras' caller does
-                    on_iteration(record, _weight_layout(layers))
-                bar.set_postfix(objective=f"{record.mean_objective():.3g}")
-                tol = settings["tol"]
-                if tol is not None and t > 1 and max(record.change.values()) < tol:
-                    break
+        yield
     finally:
         model.train(was_training)
+        if cache:
+            config.use_cache = cache
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _task_deltas(layers: dict[str, _Layer], n: int) -> list[dict]:
+    return [{name: layer.loras[i] for name, layer in layers.items()} for i in range(n)]
+
+
+def _quiet(progress: bool) -> bool:
+    return not progress or bool(os.environ.get("TQDM_DISABLE"))
+
+
+def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
+             on_iteration=None) -> list[IterationRecord]:
+    """The Jacobi schedule: every layer solved from the previous merge's features, `max_iter` times."""
+    targets = {name: layer.target for name, layer in layers.items()}
+    encoder_decoder = _is_encoder_decoder(model)
+    dtype = GRAM_DTYPES[settings["gram_dtype"]]
+    task_deltas = _task_deltas(layers, len(batches))
+    quiet = _quiet(progress)
+    history: list[IterationRecord] = []
+    with DeltaHooks(targets) as hooks:
+        bar = tqdm(range(1, settings["max_iter"] + 1), desc=f"{settings['method']} solves", disable=quiet)
+        for t in bar:
+            tick = time.perf_counter()
+            grams = []
+            for i in tqdm(range(len(batches)), desc=f"solve {t}: tasks", leave=False, disable=quiet):
+                if t == 1:
+                    hooks.set(task_deltas[i])
+                    g = gram_pass(model, targets, batches[i], forwards[i], encoder_decoder, dtype)
+                else:
+                    merged = {name: layer.factors for name, layer in layers.items()}
+                    g = paired_pass(model, targets, batches[i], lambda i=i: hooks.set(task_deltas[i]),
+                                    lambda m=merged: hooks.set(m), forwards[i], encoder_decoder, dtype)
+                check_coverage(g, targets, i)
+                grams.append(g)
+            if t == 1:
+                first = grams
+            record = _solve_all(layers, grams, first, settings, mix, t)
+            record.seconds = time.perf_counter() - tick
+            history.append(record)
+            if on_iteration is not None:
+                hooks.set({})  # the callback sees the base model W0, as merge_loras' caller does
+                on_iteration(record, _weight_layout(layers))
+            bar.set_postfix(objective=f"{record.mean_objective():.3g}")
+            tol = settings["tol"]
+            if tol is not None and t > 1 and max(record.change.values()) < tol:
+                break
     return history
 
 
-def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t, writer) -> IterationRecord:
+def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
+           on_iteration=None) -> list[IterationRecord]:
+    """The one-sweep schedule (sweep.py): each layer solved once, from the merged model's own features."""
+    tick = time.perf_counter()
+    record = IterationRecord(1, {}, {}, {}, {}, {})
+    tasks = [SweepTask(b, f, d) for b, f, d in zip(batches, forwards, _task_deltas(layers, len(batches)))]
+    solved: dict = {}  # id of a module's statistics -> their float64 copies, reused by modules sharing an input
+
+    def solve_one(name, stats):
+        key = id(stats)
+        if key not in solved:
+            solved.clear()
+            solved[key] = [[getattr(s, which).double() for s in stats] for which in ("cross", "gram", "task")]
+        cross, gram, first = solved[key]
+        _solve_layer(name, layers[name], cross, gram, first, sum(s.rows for s in stats), settings, mix, record, 1)
+        record.merged_objective[name] = record.objective[name]
+        return layers[name].factors
+
+    targets = {name: layer.target for name, layer in layers.items()}
+    with tqdm(total=len(targets), desc="iteris sweep: layers", disable=_quiet(progress)) as bar:
+        one_sweep(model, targets, tasks, solve_one, GRAM_DTYPES[settings["gram_dtype"]], _is_encoder_decoder(model),
+                  on_solved=lambda name: bar.update())
+    record.change = {}
+    record.seconds = time.perf_counter() - tick
+    if on_iteration is not None:
+        on_iteration(record, _weight_layout(layers))
+    return [record]
+
+
+def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t) -> IterationRecord:
     record = IterationRecord(t, {}, {}, {} if t > 1 else None, {}, {})
     cache: dict = {}
 
@@ -276,25 +359,31 @@ def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t,
     for name, layer in layers.items():
         cross = [stat(g, "cross", name) for g in grams]
         gram = [stat(g, "gram", name) for g in grams]
-        if t == 1:
-            _first_weights(layer, [stat(g, "gram", name) for g in first], settings, mix, writer.original_matrix(name))
+        first_gram = [stat(g, "gram", name) for g in first]
         rows = sum(g.rows[g.group_of(name)] for g in grams)
-        shrunk = settings["method"] == "regmean" and settings["regmean_shrink"] < 1
-        problem = LayerProblem(name, layer.loras, cross, gram, layer.weights, rows, shrunk)
-        if t > 1:
-            record.merged_objective[name] = _relative(objective(problem, *layer.factors, layer.energies),
-                                                      layer.energies)
-        B, A = solve(problem, settings["alpha"])
-        delta = B @ A
-        previous, layer.factors, layer.delta = layer.delta, (B, A), delta
-        record.weights[name] = list(layer.weights)
-        record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
-        record.change[name] = 1.0 if previous is None else float(
-            torch.linalg.matrix_norm(delta - previous) / torch.linalg.matrix_norm(delta).clamp_min(1e-30))
-        s_list = [stat(g, "gram", name) for g in first]
-        record.drift[name] = [float((torch.trace(s) - 2 * torch.trace(p) + torch.trace(q)) / torch.trace(s))
-                              for s, p, q in zip(s_list, cross, gram)]
+        _solve_layer(name, layer, cross, gram, first_gram, rows, settings, mix, record, t)
     return record
+
+
+def _solve_layer(name: str, layer: _Layer, cross, gram, first_gram, rows: int, settings, mix,
+                 record: IterationRecord, t: int) -> None:
+    """Solve one layer from P_i = X_iᵀX̃_i, Q_i = X̃_iᵀX̃_i (and S_i = X_iᵀX_i for λ), and record what it did."""
+    if t == 1:
+        _first_weights(layer, first_gram, settings, mix, layer.target.weight_matrix())
+    shrunk = settings["method"] == "regmean" and settings["regmean_shrink"] < 1
+    problem = LayerProblem(name, layer.loras, cross, gram, layer.weights, rows, shrunk)
+    if t > 1:
+        record.merged_objective[name] = _relative(objective(problem, *layer.factors, layer.energies),
+                                                  layer.energies)
+    B, A = solve(problem, settings["alpha"])
+    delta = B @ A
+    previous, layer.factors, layer.delta = layer.delta, (B, A), delta
+    record.weights[name] = list(layer.weights)
+    record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
+    record.change[name] = 1.0 if previous is None else float(
+        torch.linalg.matrix_norm(delta - previous) / torch.linalg.matrix_norm(delta).clamp_min(1e-30))
+    record.drift[name] = [float((torch.trace(s) - 2 * torch.trace(p) + torch.trace(q)) / torch.trace(s))
+                          for s, p, q in zip(first_gram, cross, gram)]
 
 
 def _first_weights(layer: _Layer, s_list, settings, mix, w0: torch.Tensor) -> None:

@@ -64,7 +64,7 @@ class MergeResult:
             "layers": len(self.deltas),
             "iterations": [{
                 "iteration": r.iteration, "seconds": r.seconds, "mean_objective": r.mean_objective(),
-                "max_change": max(r.change.values()), "weights": r.weights, "objective": r.objective,
+                "max_change": max(r.change.values(), default=None), "weights": r.weights, "objective": r.objective,
             } for r in self.history],
         }
 

@@ -37,14 +37,65 @@ class LayerInfo:
 
 
 class Target:
-    """A module to merge, with the view of its inputs that makes it y = x·Wᵀ."""
+    """A module to merge, with the view of its inputs that makes it y = x·Wᵀ.
 
-    def __init__(self, name: str, module: nn.Module):
+    `model` (the root module) is only needed for weights that accelerate offloads at a block above the module.
+    """
+
+    def __init__(self, name: str, module: nn.Module, model: nn.Module | None = None):
         self.name, self.module = name, module
         self.info = _layer_info(name, module)
         if self.info.kind == "conv2d":
             self._unfold = dict(kernel_size=module.kernel_size, dilation=module.dilation,
                                 padding=_conv_padding(name, module), stride=module.stride)
+        # The module itself, then its ancestors from the nearest: (its name relative to the owner + ".", owner).
+        self._owners = [("", module)]
+        if model is not None:
+            parts = name.split(".")
+            for k in range(len(parts) - 1, -1, -1):
+                owner = model.get_submodule(".".join(parts[:k]))
+                self._owners.append((".".join(parts[k:]) + ".", owner))
+
+    @property
+    def conv_arguments(self) -> dict:
+        """stride, padding, dilation of a Conv2d target (for F.conv2d)."""
+        return {k: v for k, v in self._unfold.items() if k != "kernel_size"}
+
+    def weight_matrix(self) -> torch.Tensor:
+        """W0 as a float64 (out, in_flat) matrix, read from accelerate's offload store when it is not in memory."""
+        w = self.module.weight
+        if w.device.type == "meta":
+            w = self._offloaded_weight()
+        w = w.detach().double()
+        return w.T if self.info.kind == "conv1d" else w.reshape(self.info.out_features, -1)
+
+    def _offloaded_weight(self) -> torch.Tensor:
+        for prefix, owner in self._owners:
+            for hook in _accelerate_hooks(owner):
+                weights = getattr(hook, "weights_map", None)
+                if weights is None:
+                    continue
+                try:
+                    return weights[prefix + "weight"]
+                except KeyError:
+                    continue
+        raise AdapterError(f"module {self.name}: its weight is on the meta device and no accelerate offload hook "
+                           "holds it; load the model with real weights, or with device_map=... (and "
+                           "offload_folder) so that accelerate can load them.")
+
+    @property
+    def offloaded(self) -> bool:
+        """True when the weight lives outside the module (accelerate offload: the parameter is on meta)."""
+        return self.module.weight.device.type == "meta" or any(
+            getattr(hook, "offload", False) for _, owner in self._owners for hook in _accelerate_hooks(owner))
+
+    def ensure_loaded(self) -> None:
+        """Reload the weights of blocks above this module that accelerate offloaded while a paused pass was inside
+        them (another pass left the block in the meantime); the module's own hook reloads by itself."""
+        for _, owner in self._owners[1:]:
+            for hook in _accelerate_hooks(owner):
+                if getattr(hook, "offload", False) and any(p.device.type == "meta" for p in owner.parameters()):
+                    hook.pre_forward(owner)
 
     @property
     def row_signature(self) -> tuple:
@@ -59,6 +110,13 @@ class Target:
         if keep is not None:
             x = x[keep] if x.dim() > 2 else x[keep.reshape(-1)]
         return x.reshape(-1, self.info.in_features)
+
+
+def _accelerate_hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))  # a SequentialHook holds several
 
 
 def _layer_info(name: str, module: nn.Module) -> LayerInfo:
@@ -118,7 +176,10 @@ def resolve_names(model: nn.Module, names) -> dict[str, str]:
 
 
 class WeightWriter:
-    """Writes W0 + ΔW into the targets' weights in place, and restores W0 exactly on exit."""
+    """Writes W0 + ΔW into the targets' weights in place, and restores W0 exactly on exit.
+
+    For evaluating a merge on an in-memory model at full speed; the merge itself applies ΔW through hooks
+    (deltas.DeltaHooks) and never writes weights."""
 
     def __init__(self, targets: dict[str, Target]):
         self.targets = targets
@@ -136,11 +197,6 @@ class WeightWriter:
                 else:
                     new = w0.float() + target.info.to_weight_layout(delta).to(w0.device, torch.float32)
                     target.module.weight.copy_(new.to(w0.dtype))
-
-    def original_matrix(self, name: str) -> torch.Tensor:
-        """W0 of a target as a float64 (out, in_flat) matrix."""
-        w0, info = self.originals[name].double(), self.targets[name].info
-        return w0.T if info.kind == "conv1d" else w0.reshape(info.out_features, -1)
 
     def __enter__(self):
         return self

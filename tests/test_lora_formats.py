@@ -18,7 +18,7 @@ from iteris_lab.lora_formats import (kohya_names, load_lora, read_diffusers_lora
                                      write_diffusers_lora)
 from iteris_lab.merge import merge_loras
 
-ATOL = 2e-5
+ATOL = 5e-5  # float32: adding B·A inside the layer vs into the weight
 KOHYA_TARGETS = r"(to_q|to_k|to_v|to_out\.0|conv1|conv2|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|time_emb_proj)$"
 
 

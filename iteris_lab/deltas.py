@@ -1,0 +1,87 @@
+"""Applying ΔW through the forward pass: every target computes layer(x) + x·ΔWᵀ, by a forward hook.
+
+The engine never writes into the base weights while it merges. So the model is unchanged whatever happens, and
+weights that accelerate keeps offloaded (on the meta device, loaded for each call, possibly from disk) work like
+any other. A low-rank ΔW = s·B·A is applied as two thin products, (x·Aᵀ)·Bᵀ·s, as PEFT does.
+
+Which ΔW is active is set by `DeltaHooks.set`, per module name:
+    LoraLayer          a task's LoRA, ΔW_i = s_i B_i A_i
+    (B, A)             factors with scale 1 (a merged layer: B (out, R), A (R, in_flat))
+    tensor             a dense ΔW (out, in_flat)
+    None / absent      W0 alone
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import LoraLayer
+from .targets import Target
+
+
+class DeltaHooks:
+    """Forward hooks that add the active ΔW to each target's output; removed on exit."""
+
+    def __init__(self, targets: dict[str, Target]):
+        self.targets = targets
+        self._active: dict = {}
+        self._prepared: dict = {}  # (id(delta), device, dtype) -> (delta, tensors): the delta keeps its id alive
+        self._handles = []
+
+    def __enter__(self):
+        for name, target in self.targets.items():
+            self._handles.append(target.module.register_forward_hook(self._hook(name, target), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._prepared.clear()
+        return False
+
+    def set(self, deltas: dict) -> None:
+        """Make `deltas` ({module name: ΔW as above}) the active ones; later calls replace it."""
+        self._active = deltas
+
+    def _hook(self, name: str, target: Target):
+        def hook(module, args, kwargs, output):
+            delta = self._active.get(name)
+            if delta is None:
+                return None
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            return output + self._product(target, delta, x).to(device=output.device, dtype=output.dtype)
+        return hook
+
+    def _product(self, target: Target, delta, x: torch.Tensor) -> torch.Tensor:
+        """x·ΔWᵀ (Linear, Conv1D) or the convolution with ΔW (Conv2d), in at least float32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        B, A, scale = self._tensors(delta, x.device, dtype)
+        x = x.to(dtype)
+        info = target.info
+        if info.kind == "conv2d":
+            conv = target.conv_arguments
+            if A is None:  # dense
+                return F.conv2d(x, B.reshape(info.weight_shape), **conv)
+            r = A.shape[0]
+            low = F.conv2d(x, A.reshape((r,) + info.weight_shape[1:]), **conv)
+            return scale * F.conv2d(low, B.reshape(info.out_features, r, 1, 1))
+        if A is None:
+            return x @ B.T
+        return scale * ((x @ A.T) @ B.T)
+
+    def _tensors(self, delta, device, dtype):
+        """(B, A, scale) on `device` in `dtype`; A is None for a dense ΔW (held in B). Cached per delta object."""
+        key = (id(delta), device, dtype)
+        if key not in self._prepared:
+            if isinstance(delta, LoraLayer):
+                B, A = delta.factors()
+                tensors = (B, A, delta.scale)
+            elif isinstance(delta, tuple):
+                tensors = (delta[0], delta[1], 1.0)
+            else:
+                tensors = (delta, None, 1.0)
+            B, A, scale = tensors
+            tensors = (B.to(device=device, dtype=dtype), None if A is None else A.to(device=device, dtype=dtype), scale)
+            self._prepared[key] = (delta, tensors)
+        return self._prepared[key][1]

@@ -1,0 +1,247 @@
+"""The one-sweep schedule: the fixed point of the IterIS iteration in one forward pass per batch and role.
+
+In a forward pass a module's input depends only on modules that already ran. Every calibration batch of task i
+runs twice side by side, each in its own thread: with LoRA i active (its inputs are X_i) and through the merged
+model (X̃_i). The threads take turns, only one running at a time, and every one of them stops at the input of
+each adapted module. When all have stopped at module m, every module upstream of m is already final, so
+
+    S_i = X_iᵀX_i,   P_i = X_iᵀX̃_i,   Q_i = X̃_iᵀX̃_i     (summed over task i's batches)
+
+are exactly the statistics the Jacobi loop sees at its fixed point; m is solved, its merged ΔW is switched on
+(deltas.DeltaHooks), and the passes go on to the next module. Modules that read the tensor the previous one read
+(q, k, v; gate, up) reuse its statistics. After the last module every layer holds the solution the Jacobi loop
+reaches after J solves (J = the depth of the chain of adapted modules), for the price of two forward passes.
+
+Memory: the live activations of every pass at the current depth, as GPTQ-style layer-wise calibrators hold the
+inputs of the current block for every sample (about tokens × hidden × a few floats, twice), plus S, P, Q of one
+module at a time for each task: not the statistics of every module, which Jacobi and RegMean hold.
+
+The sweep needs every pass to reach the adapted modules once each, in one order. A module that runs twice in one
+pass (shared weights, a loop inside forward=) is refused with a CalibrationError: use schedule="jacobi" there.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .deltas import DeltaHooks
+from .errors import CalibrationError
+from .features import Forward, batch_masks, input_device, mask_for, run_forward, same_tensor, to_device
+from .targets import Target
+
+
+@dataclass
+class Stats:
+    """One module's statistics for one task, summed over the task's batches (in_flat, in_flat)."""
+
+    task: torch.Tensor  # S = XᵀX: features with the task's own LoRA
+    cross: torch.Tensor  # P = XᵀX̃
+    gram: torch.Tensor  # Q = X̃ᵀX̃: features of the merged model
+    rows: int
+
+
+@dataclass
+class SweepTask:
+    """What the sweep runs for one task: its batches, its forward function, and its LoRA per module name."""
+
+    batches: list
+    forward: Forward | None
+    deltas: dict
+
+
+Solve = Callable[[str, list[Stats]], object]
+
+
+def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: Solve,
+              dtype: torch.dtype = torch.float32, encoder_decoder: bool = False,
+              on_solved: Callable[[str], None] | None = None) -> dict:
+    """Run the sweep. `solve(name, stats per task)` returns the merged ΔW of module `name` (anything
+    DeltaHooks.set accepts); returns {name: that ΔW} for every target."""
+    merged: dict = {}
+    turn = threading.local()
+    device = input_device(model)
+    pairs = []  # (task index, pass with the task's LoRA, pass through the merged model)
+    for i, task in enumerate(tasks):
+        for batch in task.batches:
+            batch = to_device(batch, device)
+            masks = batch_masks(batch, encoder_decoder)
+            pairs.append((i, *(_Pass(model, batch, task.forward, deltas, masks, dtype, turn)
+                               for deltas in (task.deltas, merged))))
+    passes = [p for _, own, through_merged in pairs for p in (own, through_merged)]
+    previous: list[Stats] | None = None
+    with DeltaHooks(targets) as hooks, _Stops(targets, turn):
+        try:
+            for p in passes:
+                p.start()
+            _advance(passes, hooks)
+            while any(not p.finished for p in passes):
+                name = _next_module(passes, pairs, merged)
+                shared = previous is not None and all(p.shared for p in passes)
+                stats = previous if shared else _statistics(name, pairs, len(tasks))
+                merged[name] = solve(name, stats)
+                previous = stats
+                if on_solved is not None:
+                    on_solved(name)
+                _advance(passes, hooks)
+        finally:
+            for p in passes:
+                p.end()
+    missing = [name for name in targets if name not in merged]
+    if missing:
+        raise CalibrationError(f"layer {missing[0]} (and {len(missing) - 1} more) never ran during calibration; "
+                               "does the forward pass reach the adapted modules?")
+    return merged
+
+
+def _advance(passes, hooks: DeltaHooks) -> None:
+    for p in passes:
+        if not p.finished:
+            hooks.set(p.deltas)
+            p.advance()
+
+
+def _next_module(passes, pairs, merged: dict) -> str:
+    """The module every pass stopped at; refuses passes that do not move in lock-step."""
+    waiting = [p for p in passes if not p.finished]
+    name = waiting[0].at
+    ended = next((i for i, own, other in pairs if own.finished or other.finished), None)
+    if ended is not None:
+        raise CalibrationError(f"a calibration pass of task {ended} ended without reaching layer {name}, which other "
+                               "passes reach; every pass must visit every adapted layer (or use schedule='jacobi').")
+    other = next((p.at for p in waiting if p.at != name), None)
+    if other is not None:
+        raise CalibrationError(f"calibration passes reach the adapted layers in different orders ({name} vs "
+                               f"{other}); the one-sweep schedule needs one order: use schedule='jacobi'.")
+    if name in merged:
+        raise CalibrationError(f"layer {name} runs more than once in one forward pass (shared weights, or a loop in "
+                               "forward=); the one-sweep schedule needs each adapted layer to run once per pass: "
+                               "use schedule='jacobi'.")
+    return name
+
+
+def _statistics(name: str, pairs, n_tasks: int) -> list[Stats]:
+    sums: list[Stats | None] = [None] * n_tasks
+    for i, own, merged in pairs:
+        x, x_tilde = own.rows, merged.rows
+        if x.shape != x_tilde.shape:
+            raise CalibrationError(f"layer {name}: the merged model's pass does not see the same positions as the "
+                                   "task model's; calibration must be deterministic teacher-forced passes.")
+        s = x.T @ x
+        p, q = (s, s) if torch.equal(x, x_tilde) else (x.T @ x_tilde, x_tilde.T @ x_tilde)
+        if sums[i] is None:
+            sums[i] = Stats(s, p.clone() if p is s else p, q.clone() if q is s else q, x.shape[0])
+        else:
+            sums[i].task += s
+            sums[i].cross += p
+            sums[i].gram += q
+            sums[i].rows += x.shape[0]
+    for i, stats in enumerate(sums):
+        if stats.rows == 0:
+            raise CalibrationError(f"task {i}: no real tokens reached layer {name}: the calibration batches are empty "
+                                   "or all padding.")
+        if not all(torch.isfinite(m).all() for m in (stats.task, stats.cross, stats.gram)):
+            raise CalibrationError(f"task {i}: features of layer {name} contain NaN or Inf; check the calibration "
+                                   "inputs and the model's dtype (fp16 overflow?).")
+    return sums
+
+
+class _Aborted(BaseException):
+    """Raised inside a stopped pass to unwind it when the sweep ends early."""
+
+
+class _Pass:
+    """One forward pass of one batch in its own thread; it stops at the input of every target and waits for its
+    turn. Only one pass runs at a time (the scheduler hands over the turn and waits for the next stop)."""
+
+    def __init__(self, model, batch, forward, deltas: dict, masks: dict, dtype: torch.dtype, turn: threading.local):
+        self.model, self.batch, self.forward, self.deltas = model, batch, forward, deltas
+        self.masks, self.dtype, self._turn_local = masks, dtype, turn
+        self.at: str | None = None  # the target it stopped at
+        self.rows: torch.Tensor | None = None  # that target's real input rows
+        self.shared = False  # the input is the tensor of the previous stop (rows reused)
+        self._input, self._signature = None, None
+        self.finished, self.error, self._abort = False, None, False
+        self._go, self._stopped = threading.Semaphore(0), threading.Semaphore(0)
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def advance(self) -> None:
+        """Let the pass run until its next stop or its end (called by the scheduler)."""
+        self._go.release()
+        self._stopped.acquire()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, name: str, target: Target, x: torch.Tensor) -> None:
+        """Called in the pass's thread at the input of `name`: record the rows, wait for the next turn."""
+        self.shared = (self._input is not None and same_tensor(self._input, x)
+                       and self._signature == target.row_signature)
+        if not self.shared:
+            self.rows = target.rows(x.detach(), mask_for(name, x, self.masks)).to(self.dtype)
+        self.at, self._input, self._signature = name, x, target.row_signature
+        self._stopped.release()
+        self._go.acquire()
+        if self._abort:
+            raise _Aborted
+
+    def end(self) -> None:
+        """Unwind the pass if it is still stopped somewhere, and wait for its thread."""
+        if self._thread.ident is None:  # never started
+            return
+        if not self.finished:
+            self._abort = True
+            self._go.release()
+            self._stopped.acquire()
+        self._thread.join()
+
+    def _run(self) -> None:
+        self._turn_local.current = self
+        self._go.acquire()
+        try:
+            if not self._abort:
+                if self._device is not None:
+                    torch.cuda.set_device(self._device)
+                with torch.no_grad():  # grad mode is per thread
+                    run_forward(self.model, self.batch, self.forward)
+        except _Aborted:
+            pass
+        except BaseException as err:  # handed to the scheduler's thread by advance()
+            self.error = err
+        finally:
+            self.finished, self.at, self.rows, self._input = True, None, None, None
+            self._stopped.release()
+
+
+class _Stops:
+    """Forward pre-hooks that stop the pass running in the current thread at every target's input."""
+
+    def __init__(self, targets: dict[str, Target], turn: threading.local):
+        self.targets, self.turn, self._handles = targets, turn, []
+
+    def __enter__(self):
+        for name, target in self.targets.items():
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(name, target), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def _hook(self, name: str, target: Target):
+        def hook(module, args, kwargs):
+            current = getattr(self.turn, "current", None)
+            if current is None:  # a forward outside the sweep's passes
+                return None
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            current.stop(name, target, x)
+            target.ensure_loaded()
+            return None
+        return hook
