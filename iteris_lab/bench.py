@@ -25,7 +25,8 @@ from .targets import Target, WeightWriter, resolve_names
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ADAPTERS = DATA / "adapters"
-DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris")
+DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
+                "iteris_sweep")
 
 
 @dataclass
@@ -125,6 +126,7 @@ def method_specs(profile: Profile, iteris: dict | None = None) -> dict[str, dict
         "ties": dict(method="ties"), "dare_ties": dict(method="dare_ties"), "cat": dict(method="cat"),
         "regmean": dict(method="regmean", samples=few), "regmean_many": dict(method="regmean", samples=many),
         "iteris": dict(method="iteris", samples=few, max_iter=profile.max_iter, **(iteris or {})),
+        "iteris_sweep": dict(method="iteris", samples=few, schedule="sweep", **(iteris or {})),
     }
 
 

@@ -43,7 +43,8 @@ def cmd_merge(args) -> dict:
                    for f in args.calibration or []] or None
     result = merge_loras(model, adapters, calibration, method=args.method, max_iter=args.max_iter, alpha=args.alpha,
                          adaptive_weights=args.adaptive_weights, weights=args.weights, density=args.density,
-                         modules=args.modules, seed=args.seed, progress=not args.quiet)
+                         modules=args.modules, seed=args.seed, progress=not args.quiet, schedule=args.schedule,
+                         gram_dtype=args.gram_dtype)
     result.base_model = args.base
     export = result.save_adapter(args.out, rank=args.rank, overwrite=args.overwrite)
     report = result.report()
@@ -80,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--calibration", action="append",
                        help="unlabeled inputs per adapter, same order: .txt (one per line) or .jsonl ({'text': ...})")
     merge.add_argument("--method", default="iteris", choices=METHODS)
-    merge.add_argument("--max-iter", type=int, default=10, help="IterIS solves (default 10)")
+    merge.add_argument("--schedule", default="sweep", choices=("sweep", "jacobi"),
+                       help="iteris: 'sweep' (default) solves each layer once, from the merged model's own inputs: "
+                            "the fixed point of the paper's loop in one pass; 'jacobi' runs the paper's --max-iter "
+                            "solves")
+    merge.add_argument("--max-iter", type=int, default=10, help="IterIS solves with --schedule jacobi (default 10)")
+    merge.add_argument("--gram-dtype", default="float32", choices=("float32", "float64"),
+                       help="precision of the feature statistics (float64 for tiny --alpha with few samples)")
     merge.add_argument("--alpha", type=float, default=1e-4, help="regularizer α of α‖M‖_F·I (default 1e-4)")
     merge.add_argument("--adaptive-weights", default="official", choices=("official", "paper", "none"))
     merge.add_argument("--weights", type=float, nargs="+", help="per-adapter multipliers / mixing weights")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from .errors import AdapterError, ExportError
 from .export import ExportReport, lora_factors, write_adapter
 from .targets import LayerInfo, Target, resolve_names
 
@@ -32,11 +32,20 @@ class MergeResult:
     extra: dict = field(default_factory=dict)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
-        """Add ΔW to the matching weights of `model` in place (a dense merge); returns the model."""
+        """Add ΔW to the matching weights of `model` in place (a dense merge); returns the model.
+
+        A model whose weights accelerate offloads (device_map with "cpu"/"disk", weights on the meta device) is
+        refused: its weights are reloaded from the offload store at every call, so a write would not last. Save
+        an adapter instead (save_adapter) and load it with PEFT."""
         names = resolve_names(model, self.deltas)
         modules = dict(model.named_modules())
-        targets = {name: Target(names[name], modules[names[name]]) for name in self.deltas}
+        targets = {name: Target(names[name], modules[names[name]], model) for name in self.deltas}
         for name, target in targets.items():  # check everything before changing anything
+            if target.offloaded:
+                raise ExportError(f"module {names[name]} is offloaded by accelerate (device_map with cpu/disk "
+                                  "offload): apply_to cannot write into offloaded weights. Use "
+                                  "result.save_adapter(folder) and PeftModel.from_pretrained(model, folder), or "
+                                  "load the model without offloading.")
             if target.info.weight_shape != self.layers[name].weight_shape:
                 raise AdapterError(f"module {names[name]} has weight {target.info.weight_shape}, the merge "
                                    f"expects {self.layers[name].weight_shape}.")
