@@ -29,7 +29,7 @@ def setup(request, tmp_path):
 def test_merge_writes_an_adapter_and_a_report(setup):
     kind, base, adapters, files, tmp_path = setup
     out = tmp_path / "merged"
-    argv = ["merge", "--base", base, "--out", str(out), "--max-iter", "2", "--quiet"]
+    argv = ["merge", "--base", base, "--out", str(out), "--schedule", "jacobi", "--max-iter", "2", "--quiet"]
     for a, f in zip(adapters, files):
         argv += ["--adapter", a, "--calibration", f]
     assert main(argv) == 0
