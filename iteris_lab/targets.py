@@ -55,6 +55,12 @@ class Target:
             for k in range(len(parts) - 1, -1, -1):
                 owner = model.get_submodule(".".join(parts[:k]))
                 self._owners.append((".".join(parts[k:]) + ".", owner))
+        if module.weight.device.type == "meta" and not any(
+                getattr(hook, "weights_map", None) is not None for _, owner in self._owners
+                for hook in _accelerate_hooks(owner)):
+            raise AdapterError(f"module {name}: its weight is on the meta device and no accelerate offload hook "
+                               "holds it; load the model with real weights, or with device_map=... (and "
+                               "offload_folder) so that accelerate can load them.")
 
     @property
     def conv_arguments(self) -> dict:

@@ -236,3 +236,30 @@ def test_history_records_weights_objective_drift(tmp_path):
     assert any(d > 0 for d in last.drift[deep])  # the merged model's inputs differ from the task model's
     report = result.report()
     assert report["iterations"][0]["iteration"] == 1 and len(report["iterations"]) == 3
+
+
+def test_float64_statistics_match_an_exact_solve_where_float32_ones_do_not(tmp_path):
+    """α = 1e-7 with fewer rows than inputs (the paper's Flan-T5 setting): the Grams are rank-deficient, the solve
+    amplifies float32 rounding of the statistics; gram_dtype="float64" removes it."""
+    case = merge_case("llama", tmp_path, n_tasks=2, targets=["q_proj", "v_proj"])
+    case.calibration = [token_batches("llama", n_batches=1, batch_size=2, seq_len=5, seed=30 + i) for i in range(2)]
+    kwargs = dict(max_iter=1, alpha=1e-7, adaptive_weights="none", progress=False)
+    single = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, **kwargs)
+    double = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, gram_dtype="float64", **kwargs)
+    adapters = [iteris_lab.load_adapter(a) for a in case.adapters]
+    names = list(single.deltas)
+    features = [lora_inputs(case.model, a, cal, names) for a, cal in zip(case.adapters, case.calibration)]
+    errors = {"float32": 0.0, "float64": 0.0}
+    for name in names:
+        grams = [f[name].T @ f[name] for f in features]
+        assert sum(f[name].shape[0] for f in features) < grams[0].shape[0]  # rank-deficient
+        eye = torch.eye(grams[0].shape[0], dtype=torch.float64)
+        reg = [g + 1e-7 * torch.linalg.matrix_norm(g) * eye for g in grams]
+        key = next(k for k in adapters[0].layers if name.endswith(k))
+        numerator = sum(a.layers[key].delta() @ g for a, g in zip(adapters, reg))
+        exact = torch.linalg.solve(sum(reg), numerator.T).T
+        for label, result in (("float32", single), ("float64", double)):
+            error = float((result.deltas[name].double() - exact).norm() / exact.norm())
+            errors[label] = max(errors[label], error)
+    assert errors["float64"] < 1e-5
+    assert errors["float32"] > 10 * errors["float64"]
