@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 
 from .adapters import load_adapter
 from .merge import merge_loras
+from .paths import data_dir, missing_data
 from .profiles import Profile, current_profile
 from .targets import Target, WeightWriter, resolve_names
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = data_dir()
 ADAPTERS = DATA / "adapters"
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
                 "iteris_sweep")
@@ -53,8 +54,7 @@ def load_track(name: str, adapter_root=None) -> Track:
     adapters = {t: str(root / t) for t in tasks}
     missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no trained LoRA at {missing[0]}; train them with "
-                                f"`python scripts/train_loras.py --model {name}`.")
+        raise missing_data(missing[0], "trained LoRA", f"scripts/train_loras.py --model {name}")
     recipe = json.loads(Path(next(iter(adapters.values())), "recipe.json").read_text())
     if name == "minilm":
         model, tokenizer = load_minilm(num_labels=len(next(iter(tasks.values())).labels))

@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 
 from .digits import DIGIT_WORDS
+from .paths import data_dir, missing_data
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "diffusion"
+DATA = data_dir() / "diffusion"
 UNET_CONFIG = dict(sample_size=16, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
                    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=384,
@@ -89,12 +90,12 @@ def make_scheduler(kind: str = "ddpm"):
 
 
 def load_base(path=None):
-    """The shipped base UNet (data/diffusion/base), in eval mode with gradients off."""
+    """The shipped base UNet (data_dir()/diffusion/base), in eval mode with gradients off."""
     from diffusers import UNet2DConditionModel
 
     path = Path(path or DATA / "base")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no trained base UNet at {path}; train it with `python scripts/train_diffusion.py base`.")
+        raise missing_data(path, "trained base UNet", "scripts/train_diffusion.py base")
     return UNet2DConditionModel.from_pretrained(path).eval().requires_grad_(False)
 
 

@@ -22,6 +22,7 @@ from .adapters import load_adapter
 from .bench import PeakMemory, method_specs, weights_added
 from .digits import STYLES, DigitJudge, digit_images, fit_judge, ink, slant_score, split_indices
 from .merge import merge_loras
+from .paths import missing_data
 from .profiles import Profile
 
 METRICS = {"ink": ink, "slant_score": slant_score}
@@ -43,7 +44,7 @@ def load_diffusion_track(root=None, concepts=None) -> DiffusionTrack:
     adapters = {c: str(root / "adapters" / c) for c in concepts}
     missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no concept LoRA at {missing[0]}; train it with `python scripts/train_diffusion.py loras`.")
+        raise missing_data(missing[0], "concept LoRA", "scripts/train_diffusion.py loras")
     return DiffusionTrack(dm.load_base(root / "base"), dm.TextEncoder(), fit_judge(16), adapters)
 
 

@@ -67,6 +67,9 @@ def _write_plain_copy(cache_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it; an optional extra
+        raise ModelNotAvailable("de-quantising SmolLM2's GGUF needs the gguf package; run "
+                                "`pip install 'iteris-lab[llm]'` (or `pip install gguf`)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The de-quantised model still carries a GGUF quantization tag, and save_pretrained refuses such models.

@@ -7,7 +7,7 @@ strategy); the projector maps each to SmolLM2's embedding width (576) and Llava 
 
     <|im_start|>user\\n <image> x 16 \\n{instruction}<|im_end|>\\n<|im_start|>assistant\\n{caption}<|im_end|>
 
-Only the vision tower, the projector and the embedding row of `<image>` are shipped (data/vlm/base); the language
+Only the vision tower, the projector and the embedding row of `<image>` are shipped (data_dir()/vlm/base); the language
 model is loaded from its package at run time, so text-only inputs give exactly SmolLM2's logits.
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VLM_DIR = Path(__file__).resolve().parent.parent / "data" / "vlm"
+from .paths import data_dir, missing_data
+
+VLM_DIR = data_dir() / "vlm"
 BASE_DIR = VLM_DIR / "base"
 ADAPTER_DIR = VLM_DIR / "adapters"
 VISION_FILE = "vision.safetensors"
@@ -120,7 +122,7 @@ def load_vlm(folder: str | os.PathLike | None = BASE_DIR, dtype: torch.dtype = t
     if folder is not None:
         path = Path(folder) / VISION_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; train it with `python scripts/train_vlm.py base`")
+            raise missing_data(path, "trained vision tower", "scripts/train_vlm.py base")
         vision = json.loads((Path(folder) / "recipe.json").read_text())["vision_config"]
     model, tokenizer = build_vlm(lm, tokenizer, vision)
     if folder is not None:

@@ -21,6 +21,7 @@ from . import captions, vlm
 from .adapters import load_adapter
 from .bench import PeakMemory, method_specs, weights_added
 from .merge import merge_loras
+from .paths import missing_data
 from .profiles import Profile
 
 STYLE_NAMES = ("positive", "negative")
@@ -45,8 +46,7 @@ def load_vlm_track(base_dir=vlm.BASE_DIR, adapter_dir=vlm.ADAPTER_DIR) -> VlmTra
     adapters = {s: str(Path(adapter_dir) / s) for s in STYLE_NAMES}
     missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no style LoRA at {missing[0]}; train it with "
-                                "`python scripts/train_vlm.py lora --style <style>`")
+        raise missing_data(missing[0], "style LoRA", f"scripts/train_vlm.py lora --style {Path(missing[0]).name}")
     model, tokenizer = vlm.load_vlm(base_dir)
     return VlmTrack(model, tokenizer, adapters, captions.digit_splits(), captions.SentimentJudge())
 

@@ -1,7 +1,7 @@
 """Reproduce the diffusion track's shipped weights from a seed (CPU, one thread by default).
 
-    python scripts/train_diffusion.py base            # data/diffusion/base: the UNet (EMA weights) + recipe.json
-    python scripts/train_diffusion.py loras           # data/diffusion/adapters/<concept>: one LoRA per concept
+    python scripts/train_diffusion.py base     # iteris_lab/data/diffusion/base: the UNet (EMA weights) + recipe.json
+    python scripts/train_diffusion.py loras    # iteris_lab/data/diffusion/adapters/<concept>: one LoRA per concept
 Each recipe.json records the hyper-parameters, the training time and loss, and the measured sample quality.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train the shipped task LoRAs: one PEFT folder (+ recipe.json, + head.safetensors for MiniLM) per task.
 
-    python scripts/train_loras.py --model minilm                 # all MiniLM tasks -> data/adapters/minilm/<task>/
+    python scripts/train_loras.py --model minilm    # all MiniLM tasks -> iteris_lab/data/adapters/minilm/<task>/
     python scripts/train_loras.py --model smollm2 --task addition --steps 100 --threads 1
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from iteris_lab import tasks, training  # noqa: E402
+from iteris_lab.paths import data_dir  # noqa: E402
 
 RESULT_KEYS = ("train_time_s", "final_loss", "base_val_acc", "lora_val_acc", "base_test_acc", "lora_test_acc",
                "eval_time_s")
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(tasks.TRACKS))
     parser.add_argument("--task", action="append", help="task name (repeatable); default: every task of the track")
-    parser.add_argument("--out", default="data/adapters", help="root folder; adapters go to OUT/<model>/<task>/")
+    parser.add_argument("--out", default=str(data_dir() / "adapters"),
+                        help="root folder; adapters go to OUT/<model>/<task>/ (default: the package data)")
     parser.add_argument("--steps", type=int, help="override the recipe's number of steps")
     parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
     parser.add_argument("--batch-size", type=int)

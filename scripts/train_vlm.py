@@ -1,7 +1,7 @@
 """Train the shipped parts of the VLM track, seeded (SmolLM2 stays frozen throughout).
 
-    python scripts/train_vlm.py base                     # -> data/vlm/base/{vision.safetensors, recipe.json}
-    python scripts/train_vlm.py lora --style positive    # -> data/vlm/adapters/positive/ (PEFT folder + recipe.json)
+    python scripts/train_vlm.py base                  # -> iteris_lab/data/vlm/base/{vision.safetensors, recipe.json}
+    python scripts/train_vlm.py lora --style positive # -> iteris_lab/data/vlm/adapters/positive/ (PEFT + recipe.json)
 
 base, three stages on the vision tower + projector:
   1. classifier: the tower, mean-pooled, as a 10-way digit classifier (random 0-3 px shifts);
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("base", "lora"))
     parser.add_argument("--style", choices=sorted(captions.STYLES))
-    parser.add_argument("--out", help="output folder (default data/vlm/base or data/vlm/adapters/<style>)")
+    parser.add_argument("--out", help="output folder (default: the package data, vlm/base or vlm/adapters/<style>)")
     parser.add_argument("--base", default=str(vlm.BASE_DIR), help="the trained vision parts (lora)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
