@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +84,26 @@ def scale_of(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_config(config: dict, path: Path) -> None:
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: adapter_config.json holds a {type(config).__name__}, not a JSON object; "
+                           "is this a PEFT adapter_config.json?")
+    for key in ("lora_alpha", "r"):
+        if key in config and not _is_number(config[key]):
+            raise AdapterError(f"{path}: {key} in adapter_config.json is {config[key]!r}; it must be a finite number.")
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+            raise AdapterError(f"{path}: {key} in adapter_config.json must map module names to numbers, "
+                               f"got {patterns!r}.")
+    if config.get("trainable_token_indices"):
+        raise AdapterError(f"{path}: the adapter trains token embeddings (trainable_token_indices); IterIS captures "
+                           "features and merges LoRA deltas only, so these rows would be silently lost. Write the "
+                           "trained rows into the base model's embedding first, or use an adapter without them.")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{path}: adapter type {peft_type} is not supported; IterIS merges LoRA adapters only.")
@@ -113,7 +134,23 @@ def load_adapter(path) -> LoraAdapter:
     layers, extra = _split_state(state, config, path)
     if not layers:
         raise AdapterError(f"{path}: no lora_A/lora_B tensors found in the adapter weights.")
-    return LoraAdapter(str(path), config, layers, extra)
+    adapter = LoraAdapter(str(path), config, layers, extra)
+    check_finite(adapter)
+    return adapter
+
+
+def check_finite(adapter: LoraAdapter) -> None:
+    """Refuse NaN/Inf in an adapter's tensors, naming the module (a merge would spread them silently)."""
+    for module, layer in adapter.layers.items():
+        for which, tensor in (("lora_A", layer.A), ("lora_B", layer.B)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{adapter.path}: module {module}: {which} contains NaN or Inf; the adapter is "
+                                   "damaged (or its training diverged). Retrain or re-export it.")
+        if not math.isfinite(layer.scale):
+            raise AdapterError(f"{adapter.path}: module {module}: the LoRA scale {layer.scale} is not finite.")
+    for key, tensor in adapter.extra.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{adapter.path}: tensor {key} contains NaN or Inf; the adapter is damaged.")
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -134,6 +171,9 @@ def _split_state(state: dict, config: dict, path: Path) -> tuple[dict[str, LoraL
     for key, tensor in state.items():
         if "lora_embedding" in key or "lora_magnitude" in key:
             raise AdapterError(f"{path}: tensor {key} belongs to an embedding or DoRA LoRA, which is not supported.")
+        if "token_adapter" in key or "trainable_tokens" in key:
+            raise AdapterError(f"{path}: tensor {key} holds trained token embeddings (trainable_token_indices), "
+                               "which IterIS cannot merge; write them into the base model's embedding first.")
         match = _LORA_KEY.match(key)
         if match is None:
             extra[_strip(key)] = tensor
@@ -155,3 +195,98 @@ def _strip(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
+
+
+# -- what the adapters of one merge must agree on ---------------------------------------------------------------
+
+def check_adapters(model, loras: list[LoraAdapter]) -> dict:
+    """Check the adapters of one merge against each other and the base model, before any work.
+
+    - NaN/Inf in any tensor: AdapterError naming the module.
+    - base_model_name_or_path differing: a warning naming both (adapters of one architecture may still fit).
+    - task_type: the one they agree on (None when none is set or they disagree; a warning when they disagree).
+    - modules_to_save (a trained head, `extra`): carried into the merge unchanged when every adapter holds the
+      same tensors; different heads are refused (IterIS merges LoRA deltas; averaging two classifiers trained for
+      different label sets has no meaning). Carried modules must come after every adapted module: the features are
+      captured without them.
+    Returns {"task_type", "modules_to_save", "_carried": {model key: tensor}} for the merge's settings.
+    """
+    for adapter in loras:
+        check_finite(adapter)
+    bases = {a.config.get("base_model_name_or_path") for a in loras} - {None}
+    if len(bases) > 1:
+        warnings.warn("the adapters were trained on different base models: " + " and ".join(
+            f"{a.path} on {a.config.get('base_model_name_or_path')!r}" for a in loras) + "; merging them is only "
+            "meaningful when those are the same weights.", stacklevel=3)
+    types = {a.config.get("task_type") for a in loras} - {None}
+    if len(types) > 1:
+        warnings.warn(f"the adapters disagree on task_type ({', '.join(sorted(map(str, types)))}); the merged "
+                      "adapter is written with task_type None.", stacklevel=3)
+    carried = _shared_extra(loras, [_without_base_copies(model, a) for a in loras])
+    return {"task_type": types.pop() if len(types) == 1 else None,
+            "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in carried}),
+            "_carried": _resolve_carried(model, loras, carried)}
+
+
+def _without_base_copies(model, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """adapter.extra less the copies of base weights PEFT saves next to an embedding or lm_head LoRA
+    (save_embedding_layers: `<module>.base_layer.weight`); a copy that differs from the model's is refused."""
+    from .targets import resolve_names
+
+    extra = {}
+    for key, tensor in adapter.extra.items():
+        module, _, attr = key.rpartition(".base_layer.")
+        if not module:
+            extra[key] = tensor
+            continue
+        name = f"{resolve_names(model, [module])[module]}.{attr}"
+        param = dict(model.named_parameters(remove_duplicate=False)).get(name)
+        if param is None or param.device.type == "meta":
+            continue  # offloaded: nothing to compare in memory
+        if param.shape != tensor.shape or not torch.equal(tensor.to(param.device, param.dtype), param):
+            raise AdapterError(f"{adapter.path}: the adapter saves its own base weight {key} (e.g. a resized "
+                               f"vocabulary), which differs from the base model's {name}; load the base model "
+                               "the adapter was trained on (with the same vocabulary size).")
+    return extra
+
+
+def _shared_extra(loras: list[LoraAdapter], extras: list[dict]) -> dict[str, torch.Tensor]:
+    first, head = loras[0], extras[0]
+    for other, extra in zip(loras[1:], extras[1:]):
+        keys = set(head) ^ set(extra)
+        differ = sorted(keys or {k for k in head if not torch.equal(head[k], extra[k])})
+        if differ:
+            raise AdapterError(
+                f"{first.path} and {other.path} carry different trained modules (modules_to_save) at {differ[0]}: "
+                "IterIS merges LoRA deltas, and different heads cannot be merged into one without losing one. "
+                "Use adapters that share the head, or merge the LoRA parts only by passing LoraAdapter objects "
+                "with .extra emptied (iteris_lab.load_adapter(path), then adapter.extra.clear()).")
+    return dict(head)
+
+
+def _resolve_carried(model, loras, carried: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{key in the model's state dict: tensor}; refuses a carried module that precedes an adapted one."""
+    if not carried:
+        return {}
+    from .targets import resolve_names
+
+    modules = resolve_names(model, sorted({k.rsplit(".", 1)[0] for k in carried}))
+    adapted = {m for a in loras for m in resolve_names(model, a.layers).values()}
+    order = {name: k for k, name in enumerate(dict(model.named_modules()))}
+    last = max(order[m] for m in adapted)
+    for module, name in modules.items():
+        if name in adapted or order[name] < last:
+            raise AdapterError(f"module {name} is saved whole by the adapters (modules_to_save) but comes before or "
+                               "is one of the LoRA-adapted modules: the merge captures features without it, so the "
+                               "result would not match. Only heads after every adapted module can be carried.")
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    out = {}
+    for key, tensor in carried.items():
+        module, param = key.rsplit(".", 1)
+        name = f"{modules[module]}.{param}"
+        if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
+            raise AdapterError(f"{loras[0].path}: saved module tensor {key} {tuple(tensor.shape)} does not fit the "
+                               f"base model ({name}: {tuple(params[name].shape) if name in params else 'missing'}); "
+                               "was this adapter trained on another base model?")
+        out[name] = tensor
+    return out

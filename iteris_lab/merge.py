@@ -113,9 +113,15 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     start = time.perf_counter()
     settings = _check_settings(method, max_iter, alpha, adaptive_weights, density, regmean_shrink, modules,
                                tol, seed, schedule, gram_dtype)
+    if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
+        raise AdapterError(f"adapters must be a list of adapter folders (or LoraAdapter objects), one per task; got "
+                           f"the single {type(adapters).__name__} {str(getattr(adapters, 'path', adapters))!r}. "
+                           "Pass adapters=[folder_a, folder_b].")
     loras = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     if len(loras) < 2:
         raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
+    from .adapters import check_adapters  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
+    settings.update(check_adapters(model, loras))
     layers = _layers(model, loras, modules)
     n = len(loras)
     mix = _task_weights(weights, method, n)
@@ -155,8 +161,8 @@ def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, 
         raise IterisError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise IterisError(f"max_iter must be a positive integer, got {max_iter!r}.")
-    if not alpha >= 0:
-        raise IterisError(f"alpha must be >= 0, got {alpha!r}.")
+    if isinstance(alpha, bool) or not hasattr(alpha, "__float__") or not 0 <= float(alpha) < float("inf"):
+        raise IterisError(f"alpha must be a finite number >= 0 (the paper uses <= 1e-4), got {alpha!r}.")
     if variant not in WEIGHT_VARIANTS:
         raise IterisError(f"adaptive_weights must be one of {WEIGHT_VARIANTS}, got {variant!r}.")
     if not 0 < density <= 1:
@@ -181,9 +187,22 @@ def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, 
 def _task_weights(weights, method: str, n: int) -> list[float]:
     if weights is None:
         return baselines.default_weights(method, n) if method in baselines.DATA_FREE else [1.0] * n
-    weights = [float(w) for w in weights]
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise IterisError(f"weights must be a list of {n} numbers, one per adapter; got {weights!r}.")
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError) as err:
+        raise IterisError(f"weights must be numbers, got {weights!r}.") from err
     if len(weights) != n:
         raise IterisError(f"got {len(weights)} weights for {n} adapters.")
+    if not all(abs(w) < float("inf") for w in weights):
+        raise IterisError(f"weights must be finite numbers, got {weights}.")
+    if not any(weights):
+        raise IterisError(f"all weights are 0 ({weights}): the merge would be ΔW = 0, the base model. "
+                          "Give at least one adapter a non-zero weight.")
+    if method in ("iteris", "regmean") and min(weights) < 0:
+        raise IterisError(f"weights multiply the per-task terms λ_i of the {method} objective and must be >= 0, "
+                          f"got {weights}; for task negation use method='task_arithmetic'.")
     return weights
 
 
@@ -203,6 +222,10 @@ def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
     chosen = every if policy == "union" else common
     if not chosen:
         raise AdapterError("the adapters have no adapted module in common.")
+    for pname, param in model.named_parameters():  # NaN/Inf anywhere in W0 would reach every feature
+        if param.device.type != "meta" and param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise AdapterError(f"the base model's parameter {pname} contains NaN or Inf; the merge (and the model "
+                               "itself) would output NaN. Reload or repair the base model.")
     modules = dict(model.named_modules())
     order = {name: k for k, name in enumerate(modules)}
     layers = {}
@@ -236,6 +259,9 @@ def _calibration_lists(calibration, n: int) -> list[list]:
     lists = []
     for i, batches in enumerate(calibration):
         batches = [batches] if isinstance(batches, (torch.Tensor, dict)) else list(batches)
+        # DataLoader(TensorDataset(x)) yields [x]: a one-element list or tuple stands for its element
+        batches = [b[0] if isinstance(b, (list, tuple)) and len(b) == 1 and isinstance(b[0], (torch.Tensor, dict))
+                   else b for b in batches]
         if not batches:
             raise CalibrationError(f"task {i}: the calibration data is empty.")
         lists.append(batches)

@@ -19,6 +19,8 @@ class MergeResult:
     factors: {module name: (B (out, R), A (R, in_flat))} when ΔW is exactly B @ A (iteris, regmean, linear,
              task_arithmetic, cat: R = Σ r_i).
     history: one IterationRecord per solve (empty for data-free methods).
+    extra["carried"]: {parameter name: tensor} of modules the adapters save whole (modules_to_save, e.g. a head)
+             and share unchanged; apply_to and save_adapter carry them along.
     """
 
     method: str
@@ -31,8 +33,27 @@ class MergeResult:
     base_model: str | None = None
     extra: dict = field(default_factory=dict)
 
-    def apply_to(self, model: nn.Module) -> nn.Module:
-        """Add ΔW to the matching weights of `model` in place (a dense merge); returns the model.
+    def __post_init__(self):
+        # merge_loras hands the carried tensors over in `settings`; they are not settings (nor JSON)
+        self.extra.setdefault("carried", self.settings.pop("_carried", {}))
+
+    @property
+    def task_type(self) -> str | None:
+        """The PEFT task_type the adapters agree on (None when unset or different); written by save_adapter."""
+        return self.settings.get("task_type")
+
+    @task_type.setter
+    def task_type(self, value: str | None) -> None:
+        self.settings["task_type"] = value
+
+    def apply_to(self, model: nn.Module, untie: bool = False) -> nn.Module:
+        """Add ΔW to the matching weights of `model` in place (a dense merge), and copy the carried
+        modules_to_save tensors; returns the model.
+
+        A weight shared with another module (tied embeddings and lm_head, or two Linears holding one Parameter) is
+        refused: writing W0 + ΔW there would change the other module too, unlike the adapter. untie=True gives
+        each such module its own copy of the weight first (and sets config.tie_word_embeddings = False, so that a
+        save and reload keeps them apart).
 
         A model whose weights accelerate offloads (device_map with "cpu"/"disk", weights on the meta device) is
         refused: its weights are reloaded from the offload store at every call, so a write would not last. Save
@@ -40,6 +61,16 @@ class MergeResult:
         names = resolve_names(model, self.deltas)
         modules = dict(model.named_modules())
         targets = {name: Target(names[name], modules[names[name]], model) for name in self.deltas}
+        carried = self._carried_params(model)
+        written = [(names[n], t.module, "weight") for n, t in targets.items()] + [
+            (p.rsplit(".", 1)[0], model.get_submodule(p.rsplit(".", 1)[0]), p.rsplit(".", 1)[1]) for p in carried]
+        shared = _shared_weights(model, written)
+        if shared and not untie:
+            module, others = next(iter(shared.items()))
+            raise ExportError(f"module {module} shares its weight with {', '.join(others)} (tied weights): a dense "
+                              "merge would change both, while the adapter changes only its own output. Pass "
+                              "apply_to(model, untie=True) to give each merged module its own weight, or use "
+                              "save_adapter(folder) and PeftModel.from_pretrained.")
         for name, target in targets.items():  # check everything before changing anything
             if target.offloaded:
                 raise ExportError(f"module {names[name]} is offloaded by accelerate (device_map with cpu/disk "
@@ -50,19 +81,49 @@ class MergeResult:
                 raise AdapterError(f"module {names[name]} has weight {target.info.weight_shape}, the merge "
                                    f"expects {self.layers[name].weight_shape}.")
         with torch.no_grad():
+            for module_name, module, attr in written:
+                if module_name in shared:
+                    old = getattr(module, attr)
+                    setattr(module, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+            config = getattr(model, "config", None)
+            if shared and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
             for name, target in targets.items():
                 w = target.module.weight
                 update = target.info.to_weight_layout(self.deltas[name].to(w.device, torch.float32))
                 w.copy_((w.float() + update).to(w.dtype))
+            for pname, tensor in carried.items():
+                param = model.get_parameter(pname)
+                param.copy_(tensor.to(param.device, param.dtype))
         return model
 
+    def _carried_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The carried tensors keyed by `model`'s parameter names, checked before anything is written."""
+        carried = self.extra.get("carried") or {}
+        if not carried:
+            return {}
+        modules = resolve_names(model, sorted({k.rsplit(".", 1)[0] for k in carried}))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        out = {}
+        for key, tensor in carried.items():
+            module, attr = key.rsplit(".", 1)
+            name = f"{modules[module]}.{attr}"
+            if name not in params or params[name].shape != tensor.shape:
+                raise AdapterError(f"the merge carries {key} {tuple(tensor.shape)}, which does not fit this model.")
+            out[name] = tensor
+        return out
+
     def save_adapter(self, directory, rank: int | None = None, overwrite: bool = False) -> ExportReport:
-        """Write a PEFT LoRA folder. rank=None: the exact factors (rank Σ r_i) when the merge has them, else the
+        """Write a PEFT LoRA folder (with the task_type the adapters agree on and any carried modules_to_save).
+
+        An existing `directory` is replaced only with overwrite=True and only when it is an adapter folder (it has
+        adapter_config.json); the swap is atomic (export.replace_folder). rank=None: the exact factors (rank Σ r_i) when the merge has them, else the
         SVD at numerical rank; an int: truncated SVD at that rank (see ExportReport.relative_error)."""
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
         factors = lora_factors(self.deltas, self.factors, self.layers, rank)
-        return write_adapter(directory, factors, self.layers, self.base_model, overwrite)
+        return write_adapter(directory, factors, self.layers, self.base_model, overwrite, self.task_type,
+                             self.extra.get("carried"))
 
     def report(self) -> dict:
         """A JSON-ready summary: settings, timings, and per iteration the mean objective, λ and change."""
@@ -79,3 +140,17 @@ class MergeResult:
 
     def save_report(self, path) -> None:
         Path(path).write_text(json.dumps(self.report(), indent=2))
+
+
+def _shared_weights(model: nn.Module, written: list[tuple[str, nn.Module, str]]) -> dict[str, list[str]]:
+    """{module name: other parameter names holding the same tensor} for the parameters about to be written."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    shared = {}
+    for module_name, module, attr in written:
+        param = getattr(module, attr)
+        others = [n for n in holders.get(id(param), []) if n != f"{module_name}.{attr}"]
+        if others:
+            shared[module_name] = others
+    return shared

@@ -59,3 +59,111 @@ def test_every_subcommand_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: iteris-lab " + command in capsys.readouterr().out
+
+
+# -- issue 12: nothing silent, nothing lost ----------------------------------------------------------------------
+
+@pytest.fixture
+def plain(tmp_path):
+    """A llama base folder and two adapters saved without task_type (PEFT's default), and calibration files."""
+    base = save_tiny("llama", tmp_path / "base")
+    save_tokenizer(base)
+    model, _ = load_base(base, "CAUSAL_LM")
+    adapters = [make_lora(model, tmp_path / f"a{i}", ["q_proj", "v_proj"], seed=i + 1) for i in range(2)]
+    files = []
+    for i in range(2):
+        path = tmp_path / f"cal{i}.txt"
+        path.write_text("\n".join(" ".join(WORDS[(i * 5 + j + k) % len(WORDS)] for k in range(4)) for j in range(4)))
+        files.append(str(path))
+    return base, adapters, files, tmp_path
+
+
+def merge_argv(plain, out, *extra, calibration=True):
+    base, adapters, files, _ = plain
+    argv = ["merge", "--base", base, "--out", str(out), "--quiet", *extra]
+    for a, f in zip(adapters, files):
+        argv += ["--adapter", a] + (["--calibration", f] if calibration else [])
+    return argv
+
+
+def test_2_adapters_without_task_type_give_an_adapter_that_loads_into_the_causal_lm(plain, recwarn):
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from iteris_lab import merge_loras
+    from tiny import outputs, token_batches
+
+    base, adapters, files, tmp_path = plain
+    assert main(merge_argv(plain, tmp_path / "merged", "--method", "linear", calibration=False)) == 0
+    config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    batch = token_batches("llama", seed=7)[0]
+    reference = merge_loras(AutoModelForCausalLM.from_pretrained(base), adapters, method="linear", progress=False)
+    dense = outputs(reference.apply_to(AutoModelForCausalLM.from_pretrained(base)), batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "merged"))
+    assert not [w for w in caught if "missing adapter keys" in str(w.message).lower()]
+    plain_logits = outputs(AutoModelForCausalLM.from_pretrained(base), batch)
+    assert torch.allclose(outputs(loaded, batch), dense, atol=1e-4)
+    assert (dense - plain_logits).abs().max() > 1e-3  # not a no-op adapter
+
+
+def test_1_out_dot_with_overwrite_deletes_nothing(plain, monkeypatch, capsys):
+    base, adapters, files, tmp_path = plain
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("mine")
+    monkeypatch.chdir(work)
+    assert main(merge_argv(plain, ".", "--overwrite", "--method", "linear", calibration=False)) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert (work / "thesis.tex").read_text() == "mine"
+    (work / "photos").mkdir()
+    (work / "photos" / "a.jpg").write_text("x")
+    assert main(merge_argv(plain, "photos", "--overwrite", "--method", "linear", calibration=False)) == 2
+    assert "not an adapter folder" in capsys.readouterr().err
+    assert (work / "photos" / "a.jpg").read_text() == "x"
+
+
+@pytest.mark.parametrize("option, value", [("--rank", "0"), ("--batch-size", "0"), ("--max-length", "0"),
+                                           ("--max-iter", "-1"), ("--alpha", "inf"), ("--density", "2")])
+def test_7_bad_numbers_are_refused_at_parse_time(plain, option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(merge_argv(plain, plain[3] / "x", option, value))
+    assert exit_info.value.code == 2
+    assert f"iteris-lab merge: error: argument {option}" in capsys.readouterr().err
+
+
+def test_7_bad_base_and_out_are_reported_without_a_traceback(plain, capsys):
+    base, adapters, files, tmp_path = plain
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("keep")
+    cases = [(["--base", str(tmp_path / "missing")], "does not exist"),
+             (["--base", str(tmp_path / "empty")], "holds no config.json"),
+             (["--out", str(tmp_path / "file.txt"), "--overwrite"], "is an existing file")]
+    for extra, message in cases:
+        argv = merge_argv(plain, tmp_path / "x")
+        argv += extra  # argparse keeps the last --base / --out
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_7_iteris_without_calibration_is_refused_before_loading_the_base(plain, monkeypatch, capsys):
+    import iteris_lab.cli as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(cli, "load_base", never)
+    assert main(merge_argv(plain, plain[3] / "x", calibration=False)) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_7_every_option_has_help():
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            assert action.help, f"{sub.prog} {action.option_strings} has no help"

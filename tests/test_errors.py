@@ -138,6 +138,11 @@ def test_output_directory_is_refused_unless_overwrite(case, tmp_path):
     with pytest.raises(ExportError, match="already exists.*overwrite"):
         result.save_adapter(target)
     assert (target / "keep.txt").read_text() == "mine"
+    with pytest.raises(ExportError, match="not an adapter folder.*not replaced"):  # issue 12 case 1
+        result.save_adapter(target, overwrite=True)
+    assert (target / "keep.txt").read_text() == "mine"
+    (target / "keep.txt").unlink()
+    result.save_adapter(target, overwrite=True)  # an empty folder, then an adapter folder, are replaced
     result.save_adapter(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
