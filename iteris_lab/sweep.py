@@ -71,21 +71,18 @@ def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: 
             pairs.append((i, *(_Pass(model, batch, task.forward, deltas, masks, dtype, turn)
                                for deltas in (task.deltas, merged))))
     passes = [p for _, own, through_merged in pairs for p in (own, through_merged)]
-    previous: list[Stats] | None = None
     with DeltaHooks(targets) as hooks, _Stops(targets, turn):
         try:
             for p in passes:
                 p.start()
-            _advance(passes, hooks)
-            while any(not p.finished for p in passes):
-                name = _next_module(passes, pairs, merged)
-                shared = previous is not None and all(p.shared for p in passes)
-                stats = previous if shared else _statistics(name, pairs, len(tasks))
+            stats = None
+            while True:
+                name, stats = _next_stop(pairs, hooks, merged, stats, len(tasks))
+                if name is None:
+                    break
                 merged[name] = solve(name, stats)
-                previous = stats
                 if on_solved is not None:
                     on_solved(name)
-                _advance(passes, hooks)
         finally:
             for p in passes:
                 p.end()
@@ -96,48 +93,74 @@ def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: 
     return merged
 
 
-def _advance(passes, hooks: DeltaHooks) -> None:
-    for p in passes:
-        if not p.finished:
-            hooks.set(p.deltas)
-            p.advance()
-
-
-def _next_module(passes, pairs, merged: dict) -> str:
-    """The module every pass stopped at; refuses passes that do not move in lock-step."""
-    waiting = [p for p in passes if not p.finished]
-    name = waiting[0].at
-    ended = next((i for i, own, other in pairs if own.finished or other.finished), None)
-    if ended is not None:
-        raise CalibrationError(f"a calibration pass of task {ended} ended without reaching layer {name}, which other "
-                               "passes reach; every pass must visit every adapted layer (or use schedule='jacobi').")
-    other = next((p.at for p in waiting if p.at != name), None)
-    if other is not None:
-        raise CalibrationError(f"calibration passes reach the adapted layers in different orders ({name} vs "
-                               f"{other}); the one-sweep schedule needs one order: use schedule='jacobi'.")
-    if name in merged:
-        raise CalibrationError(f"layer {name} runs more than once in one forward pass (shared weights, or a loop in "
-                               "forward=); the one-sweep schedule needs each adapted layer to run once per pass: "
-                               "use schedule='jacobi'.")
-    return name
-
-
-def _statistics(name: str, pairs, n_tasks: int) -> list[Stats]:
+def _next_stop(pairs, hooks: DeltaHooks, merged: dict, previous: list[Stats] | None, n_tasks: int):
+    """Let every pass run to its next stop, pair by pair; returns the module they all stopped at and its statistics
+    (None, None when every pass has ended). A pair's rows are summed as soon as both of its passes stop, so no
+    copy of the features is held; modules that read the previous module's input reuse its statistics."""
     sums: list[Stats | None] = [None] * n_tasks
-    for i, own, merged in pairs:
-        x, x_tilde = own.rows, merged.rows
-        if x.shape != x_tilde.shape:
-            raise CalibrationError(f"layer {name}: the merged model's pass does not see the same positions as the "
-                                   "task model's; calibration must be deterministic teacher-forced passes.")
-        s = x.T @ x
-        p, q = (s, s) if torch.equal(x, x_tilde) else (x.T @ x_tilde, x_tilde.T @ x_tilde)
-        if sums[i] is None:
-            sums[i] = Stats(s, p.clone() if p is s else p, q.clone() if q is s else q, x.shape[0])
+    name, deferred = _UNSET, []
+    for i, own, other in pairs:
+        for p in (own, other):
+            if not p.finished:
+                hooks.set(p.deltas)
+                p.advance()
+            name = _agree(name, p, i, merged)
+        if name is None:
+            continue
+        if previous is not None and own.shared and other.shared:
+            deferred.append((i, own, other))
         else:
-            sums[i].task += s
-            sums[i].cross += p
-            sums[i].gram += q
-            sums[i].rows += x.shape[0]
+            _add(sums, i, own, other, name)
+    if name is None:
+        return None, None
+    if len(deferred) == len(pairs):
+        return name, previous
+    for i, own, other in deferred:
+        _add(sums, i, own, other, name)
+    _check(sums, name)
+    return name, sums
+
+
+_UNSET = object()
+
+
+def _agree(name, p: "_Pass", task: int, merged: dict):
+    """The stop of pass `p` (None when it ended), checked against the stop of the passes before it."""
+    here = None if p.finished else p.at
+    if name is _UNSET:
+        if here is not None and here in merged:
+            raise CalibrationError(f"layer {here} runs more than once in one forward pass (shared weights, or a loop "
+                                   "in forward=); the one-sweep schedule needs each adapted layer to run once per "
+                                   "pass: use schedule='jacobi'.")
+        return here
+    if here == name:
+        return name
+    if here is None or name is None:
+        raise CalibrationError(f"a calibration pass ended without reaching layer {here or name}, which other passes "
+                               f"reach (task {task}); every pass must visit every adapted layer, or use "
+                               "schedule='jacobi'.")
+    raise CalibrationError(f"calibration passes reach the adapted layers in different orders ({name} vs {here}); "
+                           "the one-sweep schedule needs one order: use schedule='jacobi'.")
+
+
+def _add(sums: list, i: int, own: "_Pass", other: "_Pass", name: str) -> None:
+    """Add one batch's S = XᵀX, P = XᵀX̃, Q = X̃ᵀX̃ to task i's sums."""
+    x, x_tilde = own.rows(), other.rows()
+    if x.shape != x_tilde.shape:
+        raise CalibrationError(f"layer {name}: the merged model's pass does not see the same positions as the "
+                               "task model's; calibration must be deterministic teacher-forced passes.")
+    s = x.T @ x
+    p, q = (s, s) if torch.equal(x, x_tilde) else (x.T @ x_tilde, x_tilde.T @ x_tilde)
+    if sums[i] is None:
+        sums[i] = Stats(s, p.clone() if p is s else p, q.clone() if q is s else q, x.shape[0])
+    else:
+        sums[i].task += s
+        sums[i].cross += p
+        sums[i].gram += q
+        sums[i].rows += x.shape[0]
+
+
+def _check(sums: list, name: str) -> None:
     for i, stats in enumerate(sums):
         if stats.rows == 0:
             raise CalibrationError(f"task {i}: no real tokens reached layer {name}: the calibration batches are empty "
@@ -145,7 +168,6 @@ def _statistics(name: str, pairs, n_tasks: int) -> list[Stats]:
         if not all(torch.isfinite(m).all() for m in (stats.task, stats.cross, stats.gram)):
             raise CalibrationError(f"task {i}: features of layer {name} contain NaN or Inf; check the calibration "
                                    "inputs and the model's dtype (fp16 overflow?).")
-    return sums
 
 
 class _Aborted(BaseException):
@@ -160,9 +182,8 @@ class _Pass:
         self.model, self.batch, self.forward, self.deltas = model, batch, forward, deltas
         self.masks, self.dtype, self._turn_local = masks, dtype, turn
         self.at: str | None = None  # the target it stopped at
-        self.rows: torch.Tensor | None = None  # that target's real input rows
-        self.shared = False  # the input is the tensor of the previous stop (rows reused)
-        self._input, self._signature = None, None
+        self.shared = False  # that target reads the tensor the previous stop's target read
+        self._input, self._target = None, None
         self.finished, self.error, self._abort = False, None, False
         self._go, self._stopped = threading.Semaphore(0), threading.Semaphore(0)
         self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -179,16 +200,19 @@ class _Pass:
             raise self.error
 
     def stop(self, name: str, target: Target, x: torch.Tensor) -> None:
-        """Called in the pass's thread at the input of `name`: record the rows, wait for the next turn."""
+        """Called in the pass's thread at the input `x` of `name`: note where it is, wait for the next turn."""
         self.shared = (self._input is not None and same_tensor(self._input, x)
-                       and self._signature == target.row_signature)
-        if not self.shared:
-            self.rows = target.rows(x.detach(), mask_for(name, x, self.masks)).to(self.dtype)
-        self.at, self._input, self._signature = name, x, target.row_signature
+                       and self._target.row_signature == target.row_signature)
+        self.at, self._input, self._target = name, x, target
         self._stopped.release()
         self._go.acquire()
         if self._abort:
             raise _Aborted
+
+    def rows(self) -> torch.Tensor:
+        """The real rows of the input the pass stopped at, (rows, in_flat) in the statistics' dtype."""
+        x = self._input.detach()
+        return self._target.rows(x, mask_for(self.at, x, self.masks)).to(self.dtype)
 
     def end(self) -> None:
         """Unwind the pass if it is still stopped somewhere, and wait for its thread."""
@@ -214,7 +238,7 @@ class _Pass:
         except BaseException as err:  # handed to the scheduler's thread by advance()
             self.error = err
         finally:
-            self.finished, self.at, self.rows, self._input = True, None, None, None
+            self.finished, self.at, self._input = True, None, None
             self._stopped.release()
 
 
