@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from iteris_lab import diffusion as dm
-from iteris_lab.bench import environment, method_specs, weights_added
-from iteris_lab.diffusion_bench import (METHODS, calibration, load_diffusion_track, markdown_table,
-                                        merge_and_measure, prompts_for, references, run_methods, summary_row)
+from iteris_lab.measure import weights_added
 from iteris_lab.profiles import current_profile
+from iteris_lab.tracks.diffusion import diffusion as dm
+from iteris_lab.tracks.diffusion.benchmark import (METHODS, calibration, load_diffusion_track, markdown_table,
+                                                   merge_and_measure, prompts_for, references, run_methods, summary_row)
+from iteris_lab.tracks.harness import environment, method_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = {"alpha": (1e-4, 1e-2), "adaptive_weights": ("official", "none")}
@@ -47,7 +48,7 @@ def choose_iteris(track, profile, n: int) -> tuple[dict, list]:
 def grid_figure(track, profile, chosen: dict, path: Path) -> None:
     from iteris_lab.adapters import load_adapter
     from iteris_lab.merge import merge_loras
-    from iteris_lab.plots import plot_image_grid
+    from iteris_lab.viz.plots import plot_image_grid
 
     prompts, digits = prompts_for(tuple(track.adapters), 10)
     rows = {"base": dm.sample(track.unet, track.encoder, prompts)}
@@ -66,7 +67,7 @@ def grid_figure(track, profile, chosen: dict, path: Path) -> None:
 
 
 def score_plot(rows: list[dict], path: Path) -> None:
-    from iteris_lab.plots import plot_bars
+    from iteris_lab.viz.plots import plot_bars
 
     table = [{"method": r["label"], "measure": f"{c} {kind}", "level": r[kind][c]}
              for r in rows if r["method"] != "lora" for kind in ("fidelity", "leakage") for c in r["fidelity"]]

@@ -5,7 +5,7 @@ with CLIP, write JSON.
     ITERIS_PROFILE=gpu python benchmarks/hub_diffusion.py --out runs/sd15
     ITERIS_PROFILE=gpu python benchmarks/hub_diffusion.py --out runs/sd15 --conv --train-steps 800 --no-clip
 
-Concept images come from the hub datasets named in iteris_lab.hub_diffusion.CONCEPTS; LoRAs already under
+Concept images come from the hub datasets named in iteris_lab.tracks.hub.diffusion.CONCEPTS; LoRAs already under
 OUT/adapters/<concept>/ are reused, class images under OUT/class_images/<noun>/ too. A merged LoRA loads with
 pipe.load_lora_weights("OUT/merged/<method>", weight_name="pytorch_lora_weights.safetensors").
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_lab.hub_diffusion import SDHubConfig  # noqa: E402
+from iteris_lab.tracks.hub.diffusion import SDHubConfig  # noqa: E402
 
 # command-line flag -> SDHubConfig field
 OVERRIDES = {"model": "model", "resolution": "resolution", "rank": "rank", "train_steps": "train_steps", "lr": "lr",
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from iteris_lab.hub_diffusion import run_sd_hub, sd_hub_config
+    from iteris_lab.tracks.hub.diffusion import run_sd_hub, sd_hub_config
 
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if args.methods:

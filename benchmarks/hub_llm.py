@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_lab.glue import GLUE  # noqa: E402
-from iteris_lab.hub import DEFAULT_METHODS, HubConfig  # noqa: E402
+from iteris_lab.tracks.hub.glue import GLUE  # noqa: E402
+from iteris_lab.tracks.hub.llm import DEFAULT_METHODS, HubConfig  # noqa: E402
 
 # command-line flag -> HubConfig field, for the settings one usually changes
 OVERRIDES = {"tasks": "tasks", "train_steps": "train_steps", "lr": "lr", "calibration_samples": "calibration_samples",
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from iteris_lab.bench import markdown_table
-    from iteris_lab.hub import hub_config, run_hub
+    from iteris_lab.tracks.harness import markdown_table
+    from iteris_lab.tracks.hub.llm import hub_config, run_hub
 
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if "tasks" in overrides:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_lab.hub import DEFAULT_METHODS  # noqa: E402
-from iteris_lab.hub_vlm import STYLE_WORDS, BlipHubConfig  # noqa: E402
+from iteris_lab.tracks.hub.llm import DEFAULT_METHODS  # noqa: E402
+from iteris_lab.tracks.hub.vlm import STYLE_WORDS, BlipHubConfig  # noqa: E402
 
 # command-line flag -> BlipHubConfig field, for the settings one usually changes
 OVERRIDES = {"styles": "styles", "dataset": "dataset", "train_steps": "train_steps", "lr": "lr",
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from iteris_lab.hub_vlm import blip_hub_config, markdown_table, run_blip_hub
+    from iteris_lab.tracks.hub.vlm import blip_hub_config, markdown_table, run_blip_hub
 
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if "styles" in overrides:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from iteris_lab.bench import run_bench
+from iteris_lab.tracks.harness import run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 # SmolLM2 merges cost ~40 forward passes per solve on CPU: its validation grid is the two published λ variants
@@ -17,7 +17,7 @@ GRIDS = {"minilm": None, "smollm2": {"alpha": (1e-4,), "adaptive_weights": ("off
 
 
 def score_plot(out: dict, path: Path) -> None:
-    from iteris_lab.plots import plot_scores
+    from iteris_lab.viz.plots import plot_scores
 
     skip = ("base",)
     table = [{"method": r["label"], "task": t, "normalized": v} for r in out["results"]

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import iteris_lab
-from iteris_lab.bench import load_track
 from iteris_lab.profiles import current_profile
-from iteris_lab.tasks import calibration_batches
+from iteris_lab.tracks.harness import load_track
+from iteris_lab.tracks.llm.tasks import calibration_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 

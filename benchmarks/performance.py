@@ -78,8 +78,8 @@ class _Timers:
 
 def _smollm2_problem(samples: int):
     from iteris_lab.adapters import load_adapter
-    from iteris_lab.bench import load_track
-    from iteris_lab.tasks import calibration_batches
+    from iteris_lab.tracks.harness import load_track
+    from iteris_lab.tracks.llm.tasks import calibration_batches
 
     track = load_track("smollm2")
     adapters = [load_adapter(track.adapters[t]) for t in track.tasks]
@@ -151,7 +151,7 @@ def measure(spec: dict) -> dict:
     import torch
 
     from iteris_lab import merge_loras
-    from iteris_lab.bench import PeakMemory
+    from iteris_lab.measure import PeakMemory
 
     threads = spec.get("threads")
     if threads:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from iteris_lab.bench import markdown_table
+from iteris_lab.tracks.harness import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,7 +45,7 @@ def section(name: str, out: dict) -> str:
 
 
 def diffusion_section(out: dict) -> str:
-    from iteris_lab.diffusion_bench import markdown_table as diffusion_table
+    from iteris_lab.tracks.diffusion.benchmark import markdown_table as diffusion_table
 
     env, rows, base = out["environment"], out["results"], out["base_recipe"]
     by = {r["label"]: r for r in rows}

@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from iteris_lab import captions, vlm, vlm_bench  # noqa: E402
-from iteris_lab.bench import DEMO_METHODS, environment  # noqa: E402
 from iteris_lab.profiles import current_profile  # noqa: E402
+from iteris_lab.tracks.harness import DEMO_METHODS, environment  # noqa: E402
+from iteris_lab.tracks.vlm import benchmark as vlm_bench, captions, vlm  # noqa: E402
 
 GRID = [{"alpha": 1e-4, "adaptive_weights": "official"}, {"alpha": 1e-4, "adaptive_weights": "paper"}]
 

@@ -62,14 +62,6 @@ class LoraAdapter:
     layers: dict[str, LoraLayer]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
-
 
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern: a key matches a module name ending in `.key` or equal to it."""

@@ -161,12 +161,12 @@ def _fraction(text: str) -> float:
 
 
 def cmd_demo(args):
-    from .bench import run_demo
+    from .tracks.harness import run_demo
     return run_demo(json_path=args.json, quiet=args.quiet)
 
 
 def cmd_bench(args):
-    from .bench import run_bench
+    from .tracks.harness import run_bench
     return run_bench(model=args.model, json_path=args.json, quiet=args.quiet)
 
 

@@ -1,9 +1,7 @@
 """MergeResult: what merge_loras returns — the merged ΔW per layer, its history, and ways to use it."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -137,9 +135,6 @@ class MergeResult:
                 "max_change": max(r.change.values(), default=None), "weights": r.weights, "objective": r.objective,
             } for r in self.history],
         }
-
-    def save_report(self, path) -> None:
-        Path(path).write_text(json.dumps(self.report(), indent=2))
 
 
 def _shared_weights(model: nn.Module, written: list[tuple[str, nn.Module, str]]) -> dict[str, list[str]]:

@@ -16,8 +16,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from iteris_lab import diffusion as dm  # noqa: E402
-from iteris_lab.diffusion_train import BaseRecipe, LoraRecipe, _write_recipe, train_base, train_concept_lora  # noqa: E402
+from iteris_lab.tracks.diffusion import diffusion as dm  # noqa: E402
+from iteris_lab.tracks.diffusion.training import (BaseRecipe, LoraRecipe, _write_recipe, train_base,  # noqa: E402
+                                                  train_concept_lora)
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     if args.what in ("base", "all"):
         recipe = BaseRecipe(**{k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds)) if v})
         unet, log = train_base(encoder, recipe, out / "base")
-        from iteris_lab.diffusion_bench import base_quality
+        from iteris_lab.tracks.diffusion.benchmark import base_quality
 
         _write_recipe(out / "base", {"quality": base_quality(unet, encoder)})
         print(log)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from iteris_lab import tasks, training  # noqa: E402
 from iteris_lab.paths import data_dir  # noqa: E402
+from iteris_lab.tracks.llm import tasks, training  # noqa: E402
 
 RESULT_KEYS = ("train_time_s", "final_loss", "base_val_acc", "lora_val_acc", "base_test_acc", "lora_test_acc",
                "eval_time_s")

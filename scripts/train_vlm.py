@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from iteris_lab import captions, vlm  # noqa: E402
-from iteris_lab.training import optimizer_step  # noqa: E402
+from iteris_lab.tracks.llm.training import optimizer_step  # noqa: E402
+from iteris_lab.tracks.vlm import captions, vlm  # noqa: E402
 
 
 def log(*args):
@@ -123,7 +123,7 @@ def stage_captions(model, tokenizer, splits, args, gen) -> dict:
 
 
 def train_base(args) -> dict:
-    from iteris_lab.models import load_smollm2
+    from iteris_lab.tracks.llm.models import load_smollm2
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from iteris_lab import diffusion as dm
 from iteris_lab.adapters import load_adapter
-from iteris_lab.bench import weights_added
-from iteris_lab.digits import digit_images, fit_judge, ink, slant, slant_score, split_indices, thicken
-from iteris_lab.diffusion_bench import concept_scores, prompts_for
 from iteris_lab.features import gram_pass
+from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 from iteris_lab.targets import Target
+from iteris_lab.tracks.diffusion import diffusion as dm
+from iteris_lab.tracks.diffusion.benchmark import concept_scores, prompts_for
+from iteris_lab.tracks.diffusion.digits import digit_images, fit_judge, ink, slant, slant_score, split_indices, thicken
 
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
@@ -155,7 +155,7 @@ def test_regmean_solves_with_a_dead_text_feature(tmp_path):
 
 
 def test_training_writes_loadable_base_and_concept_lora(tmp_path):
-    from iteris_lab.diffusion_train import BaseRecipe, LoraRecipe, train_base, train_concept_lora
+    from iteris_lab.tracks.diffusion.training import BaseRecipe, LoraRecipe, train_base, train_concept_lora
 
     encoder = dm.TextEncoder()
     train_base(encoder, BaseRecipe(steps=2, batch_size=8, warmup_steps=1), tmp_path / "base")

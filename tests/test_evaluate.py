@@ -1,11 +1,11 @@
-"""evaluate.py on tiny random models: every kind of task scores what a brute-force, unpadded reference scores."""
+"""tracks/llm/evaluate.py on tiny random models: every kind of task scores what a brute-force, unpadded reference scores."""
 import string
 
 import pytest
 import torch
 
-from iteris_lab import evaluate
-from iteris_lab.tasks import LM_TEMPLATE, Example, Task
+from iteris_lab.tracks.llm import evaluate
+from iteris_lab.tracks.llm.tasks import LM_TEMPLATE, Example, Task
 from tiny import build_tiny
 
 CHARS = string.ascii_letters + string.digits + " .,:+?!'-_@#\n"

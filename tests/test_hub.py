@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from iteris_lab.features import gram_pass
-from iteris_lab.hub import (HubConfig, calibration_batches, evaluate_hub_task, glue_loader, glue_task, hub_config,
-                            load_model, run_hub, seq2seq_batch, seq2seq_label_scores, train_lora)
 from iteris_lab.profiles import PROFILES
 from iteris_lab.targets import Target
+from iteris_lab.tracks.hub.llm import (HubConfig, calibration_batches, evaluate_hub_task, glue_loader, glue_task,
+                                       hub_config, load_model, run_hub, seq2seq_batch, seq2seq_label_scores, train_lora)
 from tiny import VOCAB, save_tiny
 
 NOUNS = ["cat", "dog", "bird", "fish", "cow", "fox"]
@@ -197,7 +197,7 @@ def test_run_hub_trains_merges_evaluates_and_writes_json(base, tmp_path):
 
 
 def test_benchmark_script_runs_the_hub_recipe(t5_base, tmp_path, monkeypatch, capsys):
-    import iteris_lab.hub as hub
+    import iteris_lab.tracks.hub.llm as hub
 
     main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "hub_llm.py"))["main"]
     with pytest.raises(SystemExit) as exit_info:

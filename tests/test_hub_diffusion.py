@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import tiny_diffusion as td
-from iteris_lab.bench import weights_added
-from iteris_lab.hub_diffusion import (CONCEPTS, SDHubConfig, calibration, encode_images, run_sd_hub, sd_hub_config,
-                                      to_pixels)
 from iteris_lab.lora_formats import read_diffusers_lora
+from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 from iteris_lab.profiles import PROFILES
+from iteris_lab.tracks.hub.diffusion import (CONCEPTS, SDHubConfig, calibration, encode_images, run_sd_hub,
+                                             sd_hub_config, to_pixels)
 
 METHODS = ("linear", "ties", "iteris")
 
@@ -141,7 +141,7 @@ def test_hub_images_reads_the_dataset_snapshot(tmp_path, monkeypatch):
     its image files in name order as RGB."""
     import huggingface_hub
 
-    from iteris_lab.hub_diffusion import hub_images
+    from iteris_lab.tracks.hub.diffusion import hub_images
 
     for name, mode in (("b.png", "L"), ("a.jpg", "RGB")):
         Image.new(mode, (12, 9)).save(tmp_path / name)

@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from iteris_lab import bench
 from iteris_lab.adapters import load_adapter
-from iteris_lab.captions import lexicon_style
 from iteris_lab.features import gram_pass
-from iteris_lab.hub_vlm import (STYLE_WORDS, BlipHubConfig, blip_hub_config, bleu, calibration_batches, caption_batch,
-                                caption_loader, evaluate_style, load_blip, run_blip_hub, stylize)
+from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 from iteris_lab.profiles import PROFILES
 from iteris_lab.targets import Target
+from iteris_lab.tracks.hub.vlm import (STYLE_WORDS, BlipHubConfig, blip_hub_config, bleu, calibration_batches,
+                                       caption_batch, caption_loader, evaluate_style, load_blip, run_blip_hub, stylize)
+from iteris_lab.tracks.vlm.captions import lexicon_style
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # pad 0, sep 3, bos ([DEC]) 5 as in the config
 NOUNS = ["dog", "cat", "bird", "horse", "boy", "girl"]
@@ -188,7 +188,7 @@ def test_loras_touch_only_text_decoder_self_attention_and_reload(run, blip_dir):
     assert set(adapter.layers) == SELF_ATTENTION and adapter.layers[min(SELF_ATTENTION)].rank == 32
     model, processor = load_blip(blip_dir, device="cpu")
     batch = calibration_batches(model, processor, loader("positive", "test"), "a positive photo of", n=4)[0]
-    with torch.no_grad(), bench.weights_added(model, adapter.layers):
+    with torch.no_grad(), weights_added(model, adapter.layers):
         dense = model(**batch).logits
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(model, str(folder)).eval()(**batch).logits
@@ -235,7 +235,7 @@ def test_default_loader_stylises_a_hub_dataset_with_disjoint_train_images(monkey
 
 
 def test_benchmark_script_runs_the_blip_recipe(blip_dir, tmp_path, monkeypatch, capsys):
-    import iteris_lab.hub_vlm as hub_vlm
+    import iteris_lab.tracks.hub.vlm as hub_vlm
 
     main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "hub_vlm.py"))["main"]
     with pytest.raises(SystemExit) as exit_info:

@@ -1,7 +1,7 @@
 """diffusers / kohya LoRA files <-> LoraAdapter, on a tiny UNet2DConditionModel with attention AND conv LoRAs.
 
 The reference for "the right ΔW" is always what diffusers itself applies when it loads the file (peft layers),
-compared on the UNet's output against W0 + ΔW written by iteris_lab.bench.weights_added."""
+compared on the UNet's output against W0 + ΔW written by iteris_lab.measure.weights_added."""
 import copy
 import re
 
@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import tiny_diffusion as td
 from iteris_lab.adapters import load_adapter
-from iteris_lab.bench import weights_added
 from iteris_lab.errors import AdapterError
 from iteris_lab.lora_formats import (kohya_names, load_lora, read_diffusers_lora, read_kohya_lora,
                                      write_diffusers_lora)
+from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 
 ATOL = 5e-5  # float32: adding B·A inside the layer vs into the weight

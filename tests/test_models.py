@@ -1,10 +1,10 @@
-"""models.py: offline loaders, their padding setup, and clear errors when a model wheel is missing."""
+"""tracks/llm/models.py: offline loaders, their padding setup, and clear errors when a model wheel is missing."""
 import importlib.util
 
 import pytest
 import torch
 
-from iteris_lab import models
+from iteris_lab.tracks.llm import models
 
 has_minilm = importlib.util.find_spec(models.MINILM_PACKAGE) is not None
 has_smollm2 = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None

@@ -18,8 +18,8 @@ from iteris_lab import paths
 ROOT = Path(__file__).resolve().parents[1]
 # The stacks that pyproject.toml declares as extras; the core import must load none of them.
 OPTIONAL = ("seaborn", "matplotlib", "pandas", "ipywidgets", "IPython", "gguf", "sklearn", "diffusers", "datasets")
-CORE_MODULES = ("iteris_lab", "iteris_lab.cli", "iteris_lab.bench", "iteris_lab.evaluate", "iteris_lab.tasks",
-                "iteris_lab.models")
+CORE_MODULES = ("iteris_lab", "iteris_lab.cli", "iteris_lab.measure", "iteris_lab.tracks.harness",
+                "iteris_lab.tracks.llm.evaluate", "iteris_lab.tracks.llm.tasks", "iteris_lab.tracks.llm.models")
 
 
 def shipped_files() -> set[str]:
@@ -53,6 +53,13 @@ def test_the_wheel_carries_every_shipped_data_file(wheel):
     assert "iteris_lab/data/adapters/minilm/topic/adapter_model.safetensors" in names
 
 
+def test_the_wheel_carries_every_module_of_the_core_tracks_and_viz(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "iteris_lab").rglob("*.py")}
+    assert {"iteris_lab/tracks/hub/vlm.py", "iteris_lab/viz/plots.py", "iteris_lab/measure.py"} <= modules
+    assert modules <= names
+
+
 def test_the_wheel_requires_no_optional_stack_by_default(wheel):
     with zipfile.ZipFile(wheel) as z:
         (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
@@ -72,9 +79,10 @@ def test_installed_wheel_finds_its_data_from_any_folder_and_imports_no_extra(whe
         "import importlib, json, sys\n"
         f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
         "import iteris_lab\n"
-        "from iteris_lab import bench, paths\n"
+        "from iteris_lab import paths\n"
+        "from iteris_lab.tracks import harness\n"
         "print(json.dumps({'package': iteris_lab.__file__, 'data': str(paths.data_dir()),\n"
-        "                  'adapters': str(bench.ADAPTERS),\n"
+        "                  'adapters': str(harness.ADAPTERS),\n"
         f"                  'optional': [o for o in {OPTIONAL!r} if o in sys.modules]}}))\n")
     env = {k: v for k, v in os.environ.items() if k != paths.ENV} | {"PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True, capture_output=True,

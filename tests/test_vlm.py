@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from iteris_lab import captions, vlm, vlm_bench
 from iteris_lab.features import gram_pass
 from iteris_lab.targets import Target
+from iteris_lab.tracks.vlm import benchmark as vlm_bench, captions, vlm
 
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2, num_channels=3, vision_use_head=False)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..objective import regularize
 from . import plots
-from .objective import regularize
 
 
 def figure_widget(plot: Callable[..., object], controls: dict):

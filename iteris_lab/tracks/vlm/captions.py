@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .digits import DIGIT_WORDS
+from ..diffusion.digits import DIGIT_WORDS
 
 PLAIN_PROMPT = "Describe the image."
 PLAIN_TEMPLATES = ("a handwritten digit {d}", "the handwritten number {d}", "a digit {d} written by hand",
@@ -176,10 +176,11 @@ class SentimentJudge:
     positive and negative logits, since a caption asked for a style is judged positive versus negative."""
 
     def __init__(self, adapter_dir: str | Path | None = None, polar: bool = True, batch_size: int = 64):
-        from .adapters import load_adapter
-        from .bench import ADAPTERS, weights_added
-        from .evaluate import apply_head, head_labels, load_head
-        from .models import load_minilm
+        from ...adapters import load_adapter
+        from ...measure import weights_added
+        from ..harness import ADAPTERS
+        from ..llm.evaluate import apply_head, head_labels, load_head
+        from ..llm.models import load_minilm
 
         adapter_dir = Path(adapter_dir or ADAPTERS / "minilm" / "airline_sentiment")
         self.labels = head_labels(adapter_dir)

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from iteris_lab import bench
 from iteris_lab.profiles import PROFILES
-from iteris_lab.tasks import Example, Task
+from iteris_lab.tracks import harness
+from iteris_lab.tracks.llm.tasks import Example, Task
 from tiny import WORDS, build_tiny, make_lora, save_tokenizer
 
 
@@ -35,15 +35,15 @@ def track(tmp_path):
     adapters = {t: make_lora(model, tmp_path / t, ["query", "value"], seed=i + 1) for i, t in enumerate(tasks)}
     g = torch.Generator().manual_seed(7)
     heads = {t: {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.zeros(3)} for t in tasks}
-    return bench.Track("tiny", model, tokenizer, tasks, adapters, heads, max_length=16)
+    return harness.Track("tiny", model, tokenizer, tasks, adapters, heads, max_length=16)
 
 
 def test_run_methods_rows_and_json_schema(track, tmp_path):
     before = {k: v.clone() for k, v in track.model.state_dict().items() if "classifier" not in k}
     profile = PROFILES["ci"]
-    rows = bench.run_methods(track, profile, progress=False)
+    rows = harness.run_methods(track, profile, progress=False)
     labels = [r["label"] for r in rows]
-    assert labels == ["base", "lora:t0", "lora:t1", "lora:t2", *bench.DEMO_METHODS]
+    assert labels == ["base", "lora:t0", "lora:t1", "lora:t2", *harness.DEMO_METHODS]
     after = track.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every merge was taken out again
     for i, task in enumerate(track.tasks):
@@ -55,30 +55,30 @@ def test_run_methods_rows_and_json_schema(track, tmp_path):
     for r in rows[4:]:
         assert r["merge_seconds"] > 0 and r["peak_memory_mb"] >= 0
         assert 0 <= r["mean_accuracy"] <= 1 and r["mean_normalized"] >= 0
-    out = bench.report(track, profile, rows, seconds=1.0)
+    out = harness.report(track, profile, rows, seconds=1.0)
     text = json.dumps(out)  # JSON-ready
     again = json.loads(text)
     assert set(again) >= {"model", "profile", "environment", "tasks", "results", "seconds"}
     assert again["tasks"]["t0"]["test_size"] == 12
-    table = bench.markdown_table(rows)
+    table = harness.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| iteris |" in table
 
 
 def test_validation_choice_never_reads_test(track, monkeypatch):
     seen = []
-    original = bench.evaluate
+    original = harness.evaluate_track
 
     def spy(track_, limit, progress=False, split="test"):
         seen.append(split)
         return original(track_, limit, progress, split)
 
-    monkeypatch.setattr(bench, "evaluate", spy)
+    monkeypatch.setattr(harness, "evaluate_track", spy)
     grid = {"alpha": (1e-4,), "adaptive_weights": ("official", "none")}
-    chosen, tried = bench.choose_iteris_settings(track, PROFILES["ci"], grid=grid, progress=False)
+    chosen, tried = harness.choose_iteris_settings(track, PROFILES["ci"], grid=grid, progress=False)
     assert set(seen) == {"val"} and len(tried) == 2
     assert chosen["adaptive_weights"] in ("official", "none")
 
 
 def test_missing_adapters_say_how_to_train_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_loras.py --model minilm"):
-        bench.load_track("minilm", adapter_root=tmp_path)
+        harness.load_track("minilm", adapter_root=tmp_path)

@@ -9,20 +9,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import load_adapter
-from .merge import merge_loras
-from .paths import data_dir, missing_data
-from .profiles import Profile, current_profile
-from .targets import Target, WeightWriter, resolve_names
+from ..adapters import load_adapter
+from ..measure import PeakMemory, weights_added
+from ..merge import merge_loras
+from ..paths import data_dir, missing_data
+from ..profiles import Profile, current_profile
 
 DATA = data_dir()
 ADAPTERS = DATA / "adapters"
@@ -45,9 +43,9 @@ class Track:
 
 def load_track(name: str, adapter_root=None) -> Track:
     """The model `name` ("minilm" | "smollm2"), its tasks and the LoRAs under data/adapters/<name>/<task>."""
-    from .evaluate import load_head
-    from .models import load_minilm, load_smollm2
-    from .tasks import load_tasks
+    from .llm.evaluate import load_head
+    from .llm.models import load_minilm, load_smollm2
+    from .llm.tasks import load_tasks
 
     tasks = load_tasks(name)
     root = Path(adapter_root or ADAPTERS) / name
@@ -65,57 +63,12 @@ def load_track(name: str, adapter_root=None) -> Track:
     return Track(name, model, tokenizer, tasks, adapters, heads, int(recipe.get("max_length", 128)))
 
 
-@contextmanager
-def weights_added(model, deltas: dict):
-    """Within the block, model weights are W0 + ΔW for {module name: ΔW tensor or LoraLayer}; W0 after."""
-    names = resolve_names(model, deltas)
-    modules = dict(model.named_modules())
-    targets = {names[k]: Target(names[k], modules[names[k]]) for k in deltas}
-    with WeightWriter(targets) as writer:
-        writer.set({names[k]: v for k, v in deltas.items()})
-        yield model
-
-
-def evaluate(track: Track, limit: int | None, progress: bool = False, split: str = "test") -> dict[str, float]:
-    from .evaluate import evaluate_tasks
+def evaluate_track(track: Track, limit: int | None, progress: bool = False, split: str = "test") -> dict[str, float]:
+    """{task: accuracy} of the track's model as its weights stand now (W0, or W0 + ΔW inside `weights_added`)."""
+    from .llm.evaluate import evaluate_tasks
 
     return evaluate_tasks(track.model, track.tokenizer, track.tasks, heads=track.heads, split=split, limit=limit,
                           max_length=track.max_length, progress=progress)
-
-
-class PeakMemory:
-    """Peak extra memory of a block in MB: CUDA's allocator peak on GPU, else the process RSS sampled every 20 ms."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        import psutil
-
-        process, self._stop = psutil.Process(), threading.Event()
-        self._start = process.memory_info().rss
-        self._rss = [self._start]
-
-        def sample():
-            while not self._stop.wait(0.02):
-                self._rss.append(process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = (max(self._rss) - self._start) / 2**20
-        return False
 
 
 def method_specs(profile: Profile, iteris: dict | None = None) -> dict[str, dict]:
@@ -133,16 +86,16 @@ def method_specs(profile: Profile, iteris: dict | None = None) -> dict[str, dict
 def run_methods(track: Track, profile: Profile, labels=DEMO_METHODS, iteris: dict | None = None,
                 progress: bool = True) -> list[dict]:
     """Rows of the result table: base, each LoRA, then every merge in `labels`."""
-    from .tasks import calibration_batches
+    from .llm.tasks import calibration_batches
 
     quiet = not progress or bool(os.environ.get("TQDM_DISABLE"))
     specs = method_specs(profile, iteris)
     device = next(track.model.parameters()).device
     adapters = [load_adapter(track.adapters[t]) for t in track.tasks]
-    references = [("base", "base", evaluate(track, profile.test_limit))]
+    references = [("base", "base", evaluate_track(track, profile.test_limit))]
     for task, adapter in zip(track.tasks, adapters):
         with weights_added(track.model, adapter.layers):
-            references.append((f"lora:{task}", "lora", evaluate(track, profile.test_limit)))
+            references.append((f"lora:{task}", "lora", evaluate_track(track, profile.test_limit)))
     own = {task: references[1 + i][2][task] for i, task in enumerate(track.tasks)}
     rows = [score_row(label, method, accuracy, own) for label, method, accuracy in references]
     calibration: dict[int, list] = {}
@@ -157,7 +110,7 @@ def run_methods(track: Track, profile: Profile, labels=DEMO_METHODS, iteris: dic
         with PeakMemory(device) as memory:
             result = merge_loras(track.model, adapters, calibration.get(samples), progress=False, **spec)
         with weights_added(track.model, result.deltas):
-            row = score_row(label, spec["method"], evaluate(track, profile.test_limit), own)
+            row = score_row(label, spec["method"], evaluate_track(track, profile.test_limit), own)
         row.update(calibration_samples=samples, merge_seconds=result.seconds, peak_memory_mb=memory.peak_mb,
                    settings={k: v for k, v in result.settings.items() if k != "adapters"})
         rows.append(row)
@@ -250,13 +203,13 @@ ITERIS_GRID = {"alpha": (1e-4, 1e-2), "adaptive_weights": ("official", "paper", 
 
 def choose_iteris_settings(track: Track, profile: Profile, grid: dict = ITERIS_GRID, progress: bool = True):
     """The (alpha, adaptive_weights) of best mean normalized *validation* accuracy; the test split is never read."""
-    from .tasks import calibration_batches
+    from .llm.tasks import calibration_batches
 
     adapters = [load_adapter(track.adapters[t]) for t in track.tasks]
     own = {}
     for task, adapter in zip(track.tasks, adapters):
         with weights_added(track.model, adapter.layers):
-            own[task] = evaluate(track, profile.test_limit, split="val")[task]
+            own[task] = evaluate_track(track, profile.test_limit, split="val")[task]
     calibration = [calibration_batches(task, track.tokenizer, n=profile.calibration_samples,
                                        batch_size=profile.batch_size, max_length=track.max_length)
                    for task in track.tasks.values()]
@@ -266,7 +219,7 @@ def choose_iteris_settings(track: Track, profile: Profile, grid: dict = ITERIS_G
         result = merge_loras(track.model, adapters, calibration, max_iter=profile.max_iter, alpha=alpha,
                              adaptive_weights=weights, progress=False)
         with weights_added(track.model, result.deltas):
-            accuracy = evaluate(track, profile.test_limit, split="val")
+            accuracy = evaluate_track(track, profile.test_limit, split="val")
         tried.append({"alpha": alpha, "adaptive_weights": weights, "val_accuracy": accuracy,
                       "val_mean_normalized": score_row("iteris", "iteris", accuracy, own)["mean_normalized"]})
     best = max(tried, key=lambda r: r["val_mean_normalized"])

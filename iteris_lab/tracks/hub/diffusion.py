@@ -13,7 +13,7 @@ attends to) and its pipeline passes no mask, so training, calibration and sampli
 encoder_attention_mask: every cross-attention key/value row is real conditioning and enters the Grams.
 
 Calibration (IterIS, RegMean): per concept, its instance images' VAE latents noised at fixed timesteps with seeded
-noise (iteris_lab.diffusion.noisy_batches), with prompts holding the concept's token; one conditional UNet pass each.
+noise (tracks/diffusion/diffusion.py: noisy_batches), with prompts holding the concept's token; one conditional UNet pass each.
 Conv LoRAs (resnet conv1/conv2) are optional: on SD 1.5 their unfolded Grams reach 11520² per 1280-channel layer.
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import bench
-from .diffusion import noisy_batches
-from .image_scores import ClipScorer, save_grid, to_pixels
-from .lora_formats import WEIGHT_NAMES, read_diffusers_lora, write_diffusers_lora
-from .merge import merge_loras
-from .profiles import Profile, current_profile
-from .training import optimizer_step
+from ... import measure
+from ...lora_formats import WEIGHT_NAMES, read_diffusers_lora, write_diffusers_lora
+from ...merge import merge_loras
+from ...profiles import Profile, current_profile
+from .. import harness
+from ..diffusion.diffusion import noisy_batches
+from ..diffusion.image_scores import ClipScorer, save_grid, to_pixels
+from ..llm.training import optimizer_step
 
 DATA_METHODS = ("iteris", "regmean")
 
@@ -355,11 +356,11 @@ def _merge_row(run: _Run, adapters, calibration_batches, method: str) -> dict:
     config, unet = run.config, run.pipe.unet
     solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
         if method == "iteris" else {}
-    with bench.PeakMemory(unet.device) as memory:
+    with measure.PeakMemory(unet.device) as memory:
         result = merge_loras(unet, adapters, calibration_batches if method in DATA_METHODS else None,
                              method=method, seed=config.seed, progress=False, **solve)
     export = write_diffusers_lora(result, run.out / "merged" / method, rank=config.export_rank)
-    with bench.weights_added(unet, result.deltas):
+    with measure.weights_added(unet, result.deltas):
         row = {"label": method, "method": method, **run.sample(method)}
     row.update(merge_seconds=result.seconds, peak_memory_mb=memory.peak_mb,
                objective=[r.mean_objective() for r in result.history],
@@ -393,11 +394,11 @@ def run_sd_hub(config: SDHubConfig, out_dir, images: ImageSource = hub_images, p
         run.references = {c.name: scorer.images(images(c)) for c in config.concepts}
     references = [{"label": "base", "method": "base", **run.sample("base")}]
     for c, adapter in zip(config.concepts, adapters):
-        with bench.weights_added(pipe.unet, adapter.layers):
+        with measure.weights_added(pipe.unet, adapter.layers):
             references.append({"label": f"lora:{c.name}", "method": "lora", **run.sample(f"lora:{c.name}")})
     batches = [calibration(pipe, c, instance[c.name], config) for c in config.concepts]
     rows = [_merge_row(run, adapters, batches, method) for method in config.methods]
-    report = {"model": config.model, "config": asdict(config), "environment": bench.environment(),
+    report = {"model": config.model, "config": asdict(config), "environment": harness.environment(),
               "prompts": config.sample_prompts(), "adapters": recipes, "references": references, "results": rows,
               "timings": {"load_s": loaded - start, "train_s": trained - loaded,
                           "total_s": time.perf_counter() - start}}

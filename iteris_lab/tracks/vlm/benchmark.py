@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...adapters import load_adapter
+from ...measure import PeakMemory, weights_added
+from ...merge import merge_loras
+from ...paths import missing_data
+from ...profiles import Profile
+from ..harness import method_specs
 from . import captions, vlm
-from .adapters import load_adapter
-from .bench import PeakMemory, method_specs, weights_added
-from .merge import merge_loras
-from .paths import missing_data
-from .profiles import Profile
 
 STYLE_NAMES = ("positive", "negative")
 METRICS = ("content", "style", "lexicon", "bleu")
@@ -162,7 +163,7 @@ def references(track: VlmTrack, profile: Profile, split: str = "test") -> tuple[
 
 def run_methods(track: VlmTrack, profile: Profile, labels, own: dict, iteris: dict | None = None,
                 mask: str = "text", split: str = "test", log=print) -> list[dict]:
-    """One row per merge method of bench.method_specs, evaluated on `split`."""
+    """One row per merge method of harness.method_specs, evaluated on `split`."""
     specs, calibration, rows = method_specs(profile, iteris), {}, []
     for label in labels:
         spec = dict(specs[label])
@@ -236,13 +237,6 @@ def own_metrics(track: VlmTrack, split: str = "test", limit: int | None = None, 
         with weights_added(track.model, load_adapter(track.adapters[style]).layers):
             own[style] = evaluate_styles(track, split, limit, styles=(style,), keep=keep)[style]
     return own
-
-
-def long_table(rows: list[dict], metrics=("content", "style", "bleu"), key: str = "label") -> list[dict]:
-    """Rows -> one record per (row, style, metric) with the raw value and the normalized one, for plotting."""
-    return [{key: r[key], "style": s, "metric": m, "value": r["metrics"][s][m],
-             "normalized": r.get("normalized", {}).get(m, {}).get(s)}
-            for r in rows for s in STYLE_NAMES for m in metrics]
 
 
 def caption_grid(pixels: torch.Tensor, columns: dict[str, list[str]], labels=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .paths import data_dir, missing_data
+from ...paths import data_dir, missing_data
 
 VLM_DIR = data_dir() / "vlm"
 BASE_DIR = VLM_DIR / "base"
@@ -115,7 +115,7 @@ def load_vlm(folder: str | os.PathLike | None = BASE_DIR, dtype: torch.dtype = t
     """The shipped VLM: SmolLM2 from its package plus the trained vision parts of `folder` (None: untrained)."""
     from safetensors.torch import load_file
 
-    from .models import load_smollm2
+    from ..llm.models import load_smollm2
 
     lm, tokenizer = load_smollm2(dtype=dtype)
     vision = None
@@ -176,11 +176,6 @@ def _llava(model):
 def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, 16, vision hidden) tower features exactly as Llava selects them (last layer, "full": every patch)."""
     return _llava(model).model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-1]
-
-
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 16, LM hidden): the projected image tokens that replace the <image> placeholders."""
-    return _llava(model).model.multi_modal_projector(patch_features(model, pixel_values))
 
 
 def caption_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

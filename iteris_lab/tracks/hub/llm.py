@@ -25,13 +25,14 @@ from typing import Sequence
 
 import torch
 
-from . import bench
-from .adapters import load_adapter
-from .merge import merge_loras
-from .profiles import Profile, current_profile
+from ... import measure
+from ...adapters import load_adapter
+from ...merge import merge_loras
+from ...profiles import Profile, current_profile
+from .. import harness
+from ..llm.tasks import Task, encode_prompts
+from ..llm.training import fit, lm_training_batch, train_batches
 from .glue import GLUE_DATASET, Loader, glue_loader, glue_task, seeded_order
-from .tasks import Task, encode_prompts
-from .training import fit, lm_training_batch, train_batches
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "regmean", "iteris")
 DATA_METHODS = ("iteris", "regmean")  # the methods that read calibration batches
@@ -150,7 +151,7 @@ def calibration_batches(task: Task, tokenizer, encoder_decoder: bool, n: int = 5
     Causal LM: prompts only (input_ids, attention_mask). Encoder–decoder: plus labels = the label word (-100 at
     padding), so the merge captures decoder rows at every real target position (labels != -100).
     """
-    from .tasks import calibration_batches as prompt_batches
+    from ..llm.tasks import calibration_batches as prompt_batches
 
     if not encoder_decoder:
         return prompt_batches(task, tokenizer, n=n, batch_size=batch_size, max_length=max_length, seed=seed)
@@ -225,8 +226,8 @@ def seq2seq_label_scores(model, tokenizer, prompts: Sequence[str], words: Sequen
 def evaluate_hub_task(model, tokenizer, task: Task, split: str = "test", batch_size: int = 32,
                       max_length: int = 256) -> float:
     """Accuracy on a split: argmax over the label words' log-likelihood. Encoder–decoder: seq2seq_label_scores;
-    decoder-only: iteris_lab.evaluate (the label word as a continuation of the prompt)."""
-    from .evaluate import evaluate_task
+    decoder-only: tracks/llm/evaluate.py (the label word as a continuation of the prompt)."""
+    from ..llm.evaluate import evaluate_task
 
     if not is_encoder_decoder(model):
         return evaluate_task(model, tokenizer, task, split, batch_size=batch_size, max_length=max_length,
@@ -259,11 +260,11 @@ def _merge_row(model, adapters, calibration, method: str, config: HubConfig, sco
     data = method in DATA_METHODS
     solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
         if method == "iteris" else {}
-    with bench.PeakMemory(_device(model)) as memory:
+    with measure.PeakMemory(_device(model)) as memory:
         result = merge_loras(model, adapters, calibration if data else None, method=method, seed=config.seed,
                              progress=progress, **solve)
-    with bench.weights_added(model, result.deltas):
-        row = bench.score_row(method, method, score(), own)
+    with measure.weights_added(model, result.deltas):
+        row = harness.score_row(method, method, score(), own)
     row.update(calibration_samples=config.calibration_samples if data else 0, merge_seconds=result.seconds,
                peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
                settings={k: v for k, v in result.settings.items() if k != "adapters"})
@@ -275,7 +276,7 @@ def run_hub(config: HubConfig, out_dir, methods: Sequence[str] = DEFAULT_METHODS
     """Load config.model, train the LoRAs missing under out_dir/adapters/<task>, merge them with every method,
     evaluate base, each LoRA and each merge on every task's test split; write out_dir/hub_results.json (and a
     markdown table, hub_results.md). Returns that report; its "results" rows hold per-task accuracy, normalized
-    accuracy, merge seconds and peak memory (MB; CUDA allocator on GPU), as bench.run_methods's rows."""
+    accuracy, merge seconds and peak memory (MB; CUDA allocator on GPU), as harness.run_methods's rows."""
     start, out_dir = time.perf_counter(), Path(out_dir)
     model, tokenizer = load_model(config.model, config.dtype, config.device)
     seq2seq = is_encoder_decoder(model)
@@ -293,21 +294,21 @@ def run_hub(config: HubConfig, out_dir, methods: Sequence[str] = DEFAULT_METHODS
 
     references = [("base", score())]
     for name, adapter in zip(tasks, adapters):
-        with bench.weights_added(model, adapter.layers):
+        with measure.weights_added(model, adapter.layers):
             references.append((f"lora:{name}", score()))
     own = {name: references[1 + i][1][name] for i, name in enumerate(tasks)}
-    rows = [bench.score_row(label, label.split(":")[0], accuracy, own) for label, accuracy in references]
+    rows = [harness.score_row(label, label.split(":")[0], accuracy, own) for label, accuracy in references]
     calibration = [calibration_batches(task, tokenizer, seq2seq, config.calibration_samples,
                                        config.calibration_batch_size, config.max_length, config.seed)
                    for task in tasks.values()]
     rows += [_merge_row(model, adapters, calibration, m, config, score, own, progress) for m in methods]
     report = {"model": config.model, "encoder_decoder": seq2seq, "config": asdict(config),
-              "environment": bench.environment(), "adapters": recipes, "results": rows,
+              "environment": harness.environment(), "adapters": recipes, "results": rows,
               "tasks": {n: {"labels": list(t.labels), **t.sizes()} for n, t in tasks.items()},
               "timings": {"load_s": loaded - start, "train_s": trained - loaded,
                           "total_s": time.perf_counter() - start},
               "train_peak_gpu_mb": train_peak}  # loading + training; each merge row has its own peak
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "hub_results.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "hub_results.md").write_text(bench.markdown_table(rows) + "\n")
+    (out_dir / "hub_results.md").write_text(harness.markdown_table(rows) + "\n")
     return report

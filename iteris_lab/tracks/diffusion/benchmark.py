@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ...adapters import load_adapter
+from ...measure import PeakMemory, weights_added
+from ...merge import merge_loras
+from ...paths import missing_data
+from ...profiles import Profile
+from ..harness import method_specs
 from . import diffusion as dm
-from .adapters import load_adapter
-from .bench import PeakMemory, method_specs, weights_added
 from .digits import STYLES, DigitJudge, digit_images, fit_judge, ink, slant_score, split_indices
-from .merge import merge_loras
-from .paths import missing_data
-from .profiles import Profile
 
 METRICS = {"ink": ink, "slant_score": slant_score}
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris")

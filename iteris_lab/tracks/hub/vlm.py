@@ -28,13 +28,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import bench
-from .adapters import load_adapter
-from .captions import STYLES, bleu, lexicon_style
-from .hub import DATA_METHODS, DEFAULT_METHODS
-from .merge import merge_loras
-from .profiles import Profile, current_profile
-from .training import fit
+from ... import measure
+from ...adapters import load_adapter
+from ...merge import merge_loras
+from ...profiles import Profile, current_profile
+from .. import harness
+from ..llm.training import fit
+from ..vlm.captions import STYLES, bleu, lexicon_style
+from .llm import DATA_METHODS, DEFAULT_METHODS
 
 CAPTION_DATASET = "jxie/flickr8k"
 STYLE_WORDS = {name: style.adjectives for name, style in STYLES.items()}  # the offline VLM track's word lists
@@ -315,11 +316,11 @@ def evaluate_style(model, processor, style: str, pairs: Sequence[Pair], config: 
 
 
 def _row(label: str, method: str, scores: dict, own: dict) -> dict:
-    """bench.score_row on style accuracy, plus BLEU-4 per style, its mean and its normalized form."""
-    row = bench.score_row(label, method, {s: v["style_accuracy"] for s, v in scores.items()}, own["style"])
+    """harness.score_row on style accuracy, plus BLEU-4 per style, its mean and its normalized form."""
+    row = harness.score_row(label, method, {s: v["style_accuracy"] for s, v in scores.items()}, own["style"])
     row["bleu4"] = {s: v["bleu4"] for s, v in scores.items()}
     row["mean_bleu4"] = sum(row["bleu4"].values()) / len(scores)
-    row["normalized_bleu4"] = bench.normalized(row["bleu4"], own["bleu4"])
+    row["normalized_bleu4"] = harness.normalized(row["bleu4"], own["bleu4"])
     row["samples"] = {s: v["samples"] for s, v in scores.items()}
     return row
 
@@ -328,10 +329,10 @@ def _merge_row(model, adapters, calibration, method: str, config: BlipHubConfig,
     data = method in DATA_METHODS
     solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
         if method == "iteris" else {}
-    with bench.PeakMemory(model.device) as memory:
+    with measure.PeakMemory(model.device) as memory:
         result = merge_loras(model, adapters, calibration if data else None, method=method, seed=config.seed,
                              progress=progress, **solve)
-    with bench.weights_added(model, result.deltas):
+    with measure.weights_added(model, result.deltas):
         row = _row(method, method, score(), own)
     row.update(calibration_samples=config.calibration_samples if data else 0, merge_seconds=result.seconds,
                peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
@@ -385,7 +386,7 @@ def run_blip_hub(config: BlipHubConfig, out_dir, methods: Sequence[str] = DEFAUL
 
     references = [("base", score())]
     for style, adapter in zip(config.styles, adapters):
-        with bench.weights_added(model, adapter.layers):
+        with measure.weights_added(model, adapter.layers):
             references.append((f"lora:{style}", score()))
     own = {key: {s: references[1 + i][1][s][field] for i, s in enumerate(config.styles)}
            for key, field in (("style", "style_accuracy"), ("bleu4", "bleu4"))}
@@ -394,7 +395,7 @@ def run_blip_hub(config: BlipHubConfig, out_dir, methods: Sequence[str] = DEFAUL
                                        config.calibration_batch_size, config.max_length, config.seed)
                    for s in config.styles]
     rows += [_merge_row(model, adapters, calibration, m, config, score, own, progress) for m in methods]
-    report = {"model": config.model, "config": asdict(config), "environment": bench.environment(),
+    report = {"model": config.model, "config": asdict(config), "environment": harness.environment(),
               "style_metric": "judge" if judge else "word lists", "style_words": STYLE_WORDS,
               "adapters": recipes, "results": rows,
               "data": {s: {"train": len(tr), "test": len(te)} for s, (tr, te) in data.items()},

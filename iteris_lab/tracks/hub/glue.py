@@ -1,4 +1,4 @@
-"""GLUE tasks as text-to-text Tasks for the hub recipe (hub.py): "mnli premise: … hypothesis: …" -> a label word.
+"""GLUE tasks as text-to-text Tasks for the hub recipe (llm.py): "mnli premise: … hypothesis: …" -> a label word.
 
 GLUE's test labels are hidden, so our *test* split is a seeded sample of GLUE's validation split
 (validation_matched for MNLI) and our *val* split is carved from GLUE train, disjoint from the training rows.
@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from .tasks import Example, Task
+from ..llm.tasks import Example, Task
 
 GLUE_DATASET = "nyu-mll/glue"
 Loader = Callable[[str, str], Sequence[Mapping]]  # (GLUE task, GLUE split) -> rows with the task's fields + "label"

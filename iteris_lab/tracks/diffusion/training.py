@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..llm.training import optimizer_step
 from . import diffusion as dm
 from .digits import STYLES, digit_images, split_indices
-from .training import optimizer_step
 
 
 @dataclass(frozen=True)

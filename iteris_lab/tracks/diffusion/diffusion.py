@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
+from ...paths import data_dir, missing_data
 from .digits import DIGIT_WORDS
-from .paths import data_dir, missing_data
 
 DATA = data_dir() / "diffusion"
 UNET_CONFIG = dict(sample_size=16, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -34,7 +34,7 @@ TEMPLATES = ("a handwritten digit {w}", "the digit {w}", "digit {w}, written by 
 @dataclass(frozen=True)
 class Concept:
     """A style bound to a rare token: `phrase` is appended to the prompt, `style` is the image transform and
-    `metric` measures it (see iteris_lab.digits)."""
+    `metric` measures it (see digits.py)."""
 
     name: str
     phrase: str
@@ -56,7 +56,7 @@ class TextEncoder:
     """Frozen MiniLM token embeddings of prompts, padded to `max_length`, cached per prompt."""
 
     def __init__(self, max_length: int = 16):
-        from .models import load_minilm
+        from ..llm.models import load_minilm
 
         model, self.tokenizer = load_minilm()
         self.model = model.eval().requires_grad_(False)
