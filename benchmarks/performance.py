@@ -163,17 +163,23 @@ def measure(spec: dict) -> dict:
     tokens = sum(int(b["attention_mask"].sum()) for batches in calibration for b in batches)
     out = {"spec": spec, "tokens": tokens, "forward_seconds": _plain_forward_seconds(model, calibration), "merges": {}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = torch.load(spec["reference"]) if spec.get("reference") else None
     for label, kwargs in spec["merges"].items():
+        per_solve = []
+        if reference is not None:  # distance of every Jacobi solve to the fixed point (the sweep's merge)
+            kwargs = {**kwargs, "on_iteration": lambda record, deltas: per_solve.append(_distance(deltas, reference))}
         _release_free_memory()
         with _Timers() as timers, PeakMemory(device) as memory:
             _sync()
             result = merge_loras(model, adapters, calibration, progress=False, **kwargs)
             _sync()
+        kwargs.pop("on_iteration", None)
         out["merges"][label] = {"kwargs": kwargs, "seconds": result.seconds, "peak_memory_mb": memory.peak_mb,
                                 "statistics_seconds": timers.seconds["statistics"],
-                                "solve_seconds": timers.seconds["solves"], "solves": len(result.history)}
+                                "solve_seconds": timers.seconds["solves"], "solves": len(result.history),
+                                "distance_per_solve": per_solve}
         if spec.get("save_deltas"):
-            torch.save({n: d.half() for n, d in result.deltas.items()}, spec["save_deltas"].format(label=label))
+            torch.save(result.deltas, spec["save_deltas"].format(label=label))
     return out
 
 
@@ -196,13 +202,15 @@ def _distance(a: dict, b: dict) -> float:
 def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
     import torch
 
-    merges = {"regmean": dict(method="regmean"), "sweep": dict(schedule="sweep"),
+    merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean"),
               f"jacobi_{jacobi_iters}": dict(max_iter=jacobi_iters)}
     rows = {}
     for label, kwargs in merges.items():
         path = str(workdir / f"smollm2_{{label}}.pt")
-        rows[label] = _run({"problem": "smollm2", "samples": samples, "merges": {label: kwargs}, "threads": 1,
-                            "save_deltas": path})
+        spec = {"problem": "smollm2", "samples": samples, "merges": {label: kwargs}, "threads": 1, "save_deltas": path}
+        if label.startswith("jacobi"):
+            spec["reference"] = str(workdir / "smollm2_sweep.pt")
+        rows[label] = _run(spec)
     reference = torch.load(workdir / "smollm2_sweep.pt")
     forward = rows["sweep"]["forward_seconds"]
     table = []
@@ -221,6 +229,7 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
             "distance_to_fixed_point": _distance(deltas, reference) if label != "sweep" else 0.0,
             "statistics_seconds": merge["statistics_seconds"], "solve_seconds": merge["solve_seconds"],
             "forward_and_hooks_seconds": seconds - merge["statistics_seconds"] - merge["solve_seconds"],
+            "distance_per_solve": merge["distance_per_solve"],
         })
     return {"tokens": rows["sweep"]["tokens"], "samples_per_task": samples, "tasks": 3,
             "plain_forward_seconds": forward, "rows": table}
@@ -260,7 +269,7 @@ def gpu7b_section(jacobi_iters: int) -> dict:
         return {"skipped": "no CUDA device"}
     args = dict(hidden=4096, tasks=4, samples=50, rank=16, tokens=256, layers=32, dtype="bfloat16", heads=32)
     rows = {}
-    for label, kwargs in (("regmean", dict(method="regmean")), ("sweep", dict(schedule="sweep")),
+    for label, kwargs in (("sweep", dict(schedule="sweep")), ("regmean", dict(method="regmean")),
                           (f"jacobi_{jacobi_iters}", dict(max_iter=jacobi_iters))):
         measured = _run({"problem": "random", "problem_args": args, "merges": {label: kwargs}})
         rows[label] = {**measured["merges"][label], "forward_seconds": measured["forward_seconds"]}

@@ -60,7 +60,12 @@ def smollm2(section: dict) -> list[str]:
                      f"{r['time_over_its_forward_passes']:.2f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['memory_over_regmean']:.2f} | {r['distance_to_fixed_point']:.1e} |")
     lines += ["", "Distance to the fixed point: max over layers of ‖ΔW − ΔW_sweep‖_F / ‖ΔW_sweep‖_F (RegMean is the "
-              "first solve with λ = 1, α = 0 and its off-diagonal shrink, so it is not expected to be 0).", "",
+              "first solve with λ = 1, α = 0 and its off-diagonal shrink, so it is not expected to be 0).", ""]
+    for r in rows:
+        if r.get("distance_per_solve"):
+            steps = ", ".join(f"{d:.1e}" for d in r["distance_per_solve"])
+            lines += [f"{r['label']}, distance to the fixed point after each solve: {steps}.", ""]
+    lines += [
               "Where the sweep's time goes:", "", "| part | seconds | share |", "|---|---|---|"]
     sweep = by["sweep"]
     parts = [("forward passes, hooks and turn-taking", sweep["forward_and_hooks_seconds"]),
