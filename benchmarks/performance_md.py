@@ -81,10 +81,8 @@ def scaling(section: dict) -> list[str]:
              "50 samples × 48 tokens, r = 8)", "",
              "| axis | value | RegMean s | sweep s | time ÷ RegMean | RegMean MB | sweep MB | memory ÷ RegMean |",
              "|---|---|---|---|---|---|---|---|"]
-    for axis, points in section.items():
-        if not isinstance(points, list):
-            continue
-        for p in points:
+    for axis in names:
+        for p in section.get(axis, []):
             lines.append(f"| {names[axis]} | {p['value']} | {p['regmean']['seconds']:.2f} | {p['sweep']['seconds']:.2f} | "
                          f"{p['time_ratio']:.2f} | {p['regmean']['peak_memory_mb']:.0f} | "
                          f"{p['sweep']['peak_memory_mb']:.0f} | {p['memory_ratio']:.2f} |")
@@ -97,7 +95,7 @@ def plot(section: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_names = [a for a, v in section.items() if isinstance(v, list)]
+    axes_names = [a for a in ("samples", "tasks", "rank", "hidden") if a in section]
     fig, axes = plt.subplots(2, len(axes_names), figsize=(4 * len(axes_names), 6.5), squeeze=False)
     for k, axis in enumerate(axes_names):
         points = section[axis]
