@@ -94,6 +94,7 @@ def plot(section: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     axes_names = [a for a in ("samples", "tasks", "rank", "hidden") if a in section]
     fig, axes = plt.subplots(2, len(axes_names), figsize=(4 * len(axes_names), 6.5), squeeze=False)
@@ -107,6 +108,8 @@ def plot(section: dict) -> None:
             ax.set_xlabel(axis)
             ax.set_ylabel(label)
             ax.set_xscale("log")
+            ax.set_xticks(values, [str(v) for v in values])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.grid(alpha=0.3)
     axes[0][0].legend(loc="upper left")
     fig.suptitle("RegMean and the IterIS sweep against problem size (random-init Llama, CPU, one thread)")
