@@ -189,7 +189,8 @@ def measure(spec: dict) -> dict:
 def _run(spec: dict) -> dict:
     """measure(spec) in a fresh Python process."""
     command = [sys.executable, __file__, "--measure", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", **spec.get("env", {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"measurement failed: {spec}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -242,6 +243,10 @@ SCALING = {
     "hidden": [dict(hidden=h) for h in (576, 960, 2048)],  # SmolLM2-135M, -360M and Llama-3.2-1B widths
 }
 SCALING_BASE = dict(hidden=576, tasks=3, samples=50, rank=8)
+# The same base point under other allocator settings: what of the sweep's resident size is retained buffers
+# (MKL's per-thread GEMM buffers, glibc keeping freed blocks) rather than live tensors.
+ALLOCATOR = {"default": {}, "MKL_DISABLE_FAST_MM=1": {"MKL_DISABLE_FAST_MM": "1"},
+             "+ MALLOC_MMAP_THRESHOLD_=1048576": {"MKL_DISABLE_FAST_MM": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}}
 
 
 def scaling_section() -> dict:
@@ -259,6 +264,18 @@ def scaling_section() -> dict:
             row["time_ratio"] = row["sweep"]["seconds"] / row["regmean"]["seconds"]
             row["memory_ratio"] = row["sweep"]["peak_memory_mb"] / max(row["regmean"]["peak_memory_mb"], 1e-9)
             out[axis].append(row)
+    out["allocator"] = []
+    for name, env in ALLOCATOR.items():
+        row = {"value": name}
+        for label, kwargs in (("regmean", dict(method="regmean")), ("sweep", dict(schedule="sweep"))):
+            measured = _run({"problem": "random", "problem_args": SCALING_BASE, "merges": {label: kwargs},
+                             "threads": 1, "env": env})
+            merge = measured["merges"][label]
+            row[label] = {"seconds": merge["seconds"], "peak_memory_mb": merge["peak_memory_mb"],
+                          "forward_seconds": measured["forward_seconds"], "tokens": measured["tokens"]}
+        row["time_ratio"] = row["sweep"]["seconds"] / row["regmean"]["seconds"]
+        row["memory_ratio"] = row["sweep"]["peak_memory_mb"] / max(row["regmean"]["peak_memory_mb"], 1e-9)
+        out["allocator"].append(row)
     return out
 
 
@@ -317,6 +334,7 @@ def main(argv=None) -> int:
             else:
                 out[section] = gpu7b_section(args.jacobi_iters)
             out[section]["section_seconds"] = time.perf_counter() - tick
+            out[section]["environment"] = out["environment"]
             out[section]["load_average_at_end"] = os.getloadavg()
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(out, indent=2))

@@ -45,11 +45,15 @@ def _env(env: dict) -> str:
             f"{env['machine']}), torch {env['torch']}, Python {env['python']}; load average at start {load}.")
 
 
+def _section_env(section: dict) -> list[str]:
+    return [_env(section["environment"]), ""] if "environment" in section else []
+
+
 def smollm2(section: dict) -> list[str]:
     rows = section["rows"]
     by = {r["label"]: r for r in rows}
     load = ", ".join(f"{x:.1f}" for x in section["load_average_at_end"])
-    lines = ["## SmolLM2-135M-Instruct, shipped LoRAs (r = 8 on q, v; 30 blocks)", "",
+    lines = ["## SmolLM2-135M-Instruct, shipped LoRAs (r = 8 on q, v; 30 blocks)", "", *_section_env(section),
              f"{section['tasks']} tasks × {section['samples_per_task']} calibration samples "
              f"({section['tokens']} real tokens), one thread. One plain forward pass over all calibration data: "
              f"{section['plain_forward_seconds']:.1f} s. Load average when the section ended: {load}.", "",
@@ -76,9 +80,11 @@ def smollm2(section: dict) -> list[str]:
 
 
 def scaling(section: dict) -> list[str]:
-    names = {"samples": "samples per task", "tasks": "tasks", "rank": "LoRA rank", "hidden": "hidden size"}
+    names = {"samples": "samples per task", "tasks": "tasks", "rank": "LoRA rank", "hidden": "hidden size",
+             "allocator": "allocator (base point)"}
     lines = ["## Scaling (random-init Llama, 2 blocks, LoRAs on q, v; base point: hidden 576, 3 tasks, "
              "50 samples × 48 tokens, r = 8)", "",
+             *_section_env(section),
              "| axis | value | RegMean s | sweep s | time ÷ RegMean | RegMean MB | sweep MB | memory ÷ RegMean |",
              "|---|---|---|---|---|---|---|---|"]
     for axis in names:
@@ -132,7 +138,7 @@ def gpu(section: dict) -> list[str]:
 
 def main() -> int:
     out = json.loads(RESULTS.read_text())
-    lines = [INTRO, _env(out["environment"]), ""]
+    lines = [INTRO]
     if "smollm2" in out:
         lines += smollm2(out["smollm2"])
     if "scaling" in out:

@@ -31,8 +31,9 @@ def section(name: str, out: dict) -> str:
                   f"adaptive_weights={chosen['adaptive_weights']} (grid below).", ""]
     lines += [markdown_table(rows), ""]
     headline = [f"{label} {by[label]['mean_normalized']:.3f}" for label in
-                ("iteris", "regmean", "regmean_many", "linear", "ties") if label in by]
+                ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear", "ties") if label in by]
     lines += ["Mean normalized accuracy: " + ", ".join(headline) + ".", ""]
+    lines += later_rows_note(rows)
     if out.get("iteris_validation"):
         lines += ["| alpha | adaptive weights | val mean normalized |", "|---|---|---|"]
         lines += [f"| {g['alpha']} | {g['adaptive_weights']} | {g['val_mean_normalized']:.3f} |"
@@ -42,6 +43,16 @@ def section(name: str, out: dict) -> str:
     if png.is_file():
         lines += [f"![{name} normalized scores]({png.name})", ""]
     return "\n".join(lines)
+
+
+def later_rows_note(rows: list[dict]) -> list[str]:
+    """Rows added by benchmarks/sweep_rows.py: same test sets and settings, another process and machine load."""
+    later = [r for r in rows if r.get("added_in_later_run")]
+    if not later:
+        return []
+    names = ", ".join(f"`{r['label']}` ({r['added_in_later_run']})" for r in later)
+    return [f"Added in a later run (benchmarks/sweep_rows.py: the same test sets and IterIS settings; merge time and "
+            f"memory measured under another load, so compare them only with each other): {names}.", ""]
 
 
 def diffusion_section(out: dict) -> str:

@@ -84,20 +84,23 @@ def method_specs(profile: Profile, iteris: dict | None = None) -> dict[str, dict
 
 
 def run_methods(track: Track, profile: Profile, labels=DEMO_METHODS, iteris: dict | None = None,
-                progress: bool = True) -> list[dict]:
-    """Rows of the result table: base, each LoRA, then every merge in `labels`."""
+                progress: bool = True, own: dict | None = None) -> list[dict]:
+    """Rows of the result table: base, each LoRA, then every merge in `labels`. Given `own` (each task's own-LoRA
+    accuracy, from an earlier run on the same test sets), the base and LoRA rows are not measured again."""
     from .llm.tasks import calibration_batches
 
     quiet = not progress or bool(os.environ.get("TQDM_DISABLE"))
     specs = method_specs(profile, iteris)
     device = next(track.model.parameters()).device
     adapters = [load_adapter(track.adapters[t]) for t in track.tasks]
-    references = [("base", "base", evaluate_track(track, profile.test_limit))]
-    for task, adapter in zip(track.tasks, adapters):
-        with weights_added(track.model, adapter.layers):
-            references.append((f"lora:{task}", "lora", evaluate_track(track, profile.test_limit)))
-    own = {task: references[1 + i][2][task] for i, task in enumerate(track.tasks)}
-    rows = [score_row(label, method, accuracy, own) for label, method, accuracy in references]
+    rows = []
+    if own is None:
+        references = [("base", "base", evaluate_track(track, profile.test_limit))]
+        for task, adapter in zip(track.tasks, adapters):
+            with weights_added(track.model, adapter.layers):
+                references.append((f"lora:{task}", "lora", evaluate_track(track, profile.test_limit)))
+        own = {task: references[1 + i][2][task] for i, task in enumerate(track.tasks)}
+        rows = [score_row(label, method, accuracy, own) for label, method, accuracy in references]
     calibration: dict[int, list] = {}
     bar = tqdm(labels, desc=f"{track.name}: merging", disable=quiet)
     for label in bar:
