@@ -75,8 +75,9 @@ def diffusion_section(out: dict) -> str:
              "on prompt sets that do not ask for it. Content: judge accuracy, mean over the four prompt sets.", "",
              diffusion_table(rows), "",
              "Mean fidelity on 'both' prompts: " + ", ".join(
-                 f"{k} {by[k]['mean_fidelity']:.3f}" for k in ("iteris", "regmean", "regmean_many", "linear",
+                 f"{k} {by[k]['mean_fidelity']:.3f}" for k in ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear",
                                                               "task_arithmetic", "ties") if k in by) + ".", "",
+             *later_rows_note(rows),
              "| alpha | adaptive weights | val score (fidelity - leakage) | val content |", "|---|---|---|---|"]
     lines += [f"| {g['alpha']} | {g['adaptive_weights']} | {g['val_score']:.3f} | {g['val_content']:.3f} |"
               for g in out["iteris_validation"]]

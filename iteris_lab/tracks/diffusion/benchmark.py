@@ -27,7 +27,8 @@ from . import diffusion as dm
 from .digits import STYLES, DigitJudge, digit_images, fit_judge, ink, slant_score, split_indices
 
 METRICS = {"ink": ink, "slant_score": slant_score}
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
+           "iteris_sweep")
 
 
 @dataclass
