@@ -29,9 +29,18 @@ What each holds in memory:
   `in × in` floats each, plus one batch's activations.
 - the sweep: the statistics of one layer at a time, plus the live activations of every calibration batch at the
   current depth, twice (task pass and merged pass) — the same trade GPTQ-style layer-wise calibrators make when
-  they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. On CPU,
-  glibc's allocator keeps freed blocks of the many pass threads, which adds to the resident size; setting
-  `MALLOC_MMAP_THRESHOLD_=1048576` in the environment returns them to the system at a small cost in speed.
+  they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. On CPU
+  each pass is a thread, and the per-thread buffers of MKL's GEMM and the blocks glibc keeps after they are freed
+  add to the resident size; the *allocator* rows of the scaling table measure how much, by setting
+  `MKL_DISABLE_FAST_MM=1` and `MALLOC_MMAP_THRESHOLD_=1048576` in the environment of the process (both are read at
+  start-up; they trade a little speed for memory).
+
+Targets set for the sweep (issue 11): at most 2.5× RegMean's merge time and 1.25× the plain forward passes it makes
+(the tables below say where it stands), and peak memory at most 1.5× RegMean's and flat in the number of samples —
+which the sweep does not meet: an exact one-pass schedule must hold every calibration batch's state at the current
+depth until the layer is solved, so its memory grows with the calibration tokens, while RegMean's grows with depth.
+Where memory binds, use fewer calibration samples (the paper's 20–60 per task are enough, see results.md) or
+`schedule="jacobi"`, whose memory does not grow with samples.
 
 Every number below is measured by [benchmarks/performance.py](../benchmarks/performance.py), each merge in its own
 process (peak memory = the growth of the resident set during the merge, sampled every 20 ms, or CUDA's allocator
