@@ -55,12 +55,8 @@ class Target:
             for k in range(len(parts) - 1, -1, -1):
                 owner = model.get_submodule(".".join(parts[:k]))
                 self._owners.append((".".join(parts[k:]) + ".", owner))
-        if module.weight.device.type == "meta" and not any(
-                getattr(hook, "weights_map", None) is not None for _, owner in self._owners
-                for hook in _accelerate_hooks(owner)):
-            raise AdapterError(f"module {name}: its weight is on the meta device and no accelerate offload hook "
-                               "holds it; load the model with real weights, or with device_map=... (and "
-                               "offload_folder) so that accelerate can load them.")
+        if module.weight.device.type == "meta" and not any(self._weight_stores()):
+            raise self._no_store_error()
 
     @property
     def conv_arguments(self) -> dict:
@@ -75,19 +71,26 @@ class Target:
         w = w.detach().double()
         return w.T if self.info.kind == "conv1d" else w.reshape(self.info.out_features, -1)
 
-    def _offloaded_weight(self) -> torch.Tensor:
+    def _weight_stores(self):
+        """(key of this module's weight, accelerate weights_map) for every offload store above or on the module."""
         for prefix, owner in self._owners:
             for hook in _accelerate_hooks(owner):
                 weights = getattr(hook, "weights_map", None)
-                if weights is None:
-                    continue
-                try:
-                    return weights[prefix + "weight"]
-                except KeyError:
-                    continue
-        raise AdapterError(f"module {self.name}: its weight is on the meta device and no accelerate offload hook "
-                           "holds it; load the model with real weights, or with device_map=... (and "
-                           "offload_folder) so that accelerate can load them.")
+                if weights is not None:
+                    yield prefix + "weight", weights
+
+    def _offloaded_weight(self) -> torch.Tensor:
+        for key, weights in self._weight_stores():
+            try:
+                return weights[key]
+            except KeyError:
+                continue
+        raise self._no_store_error()
+
+    def _no_store_error(self) -> AdapterError:
+        return AdapterError(f"module {self.name}: its weight is on the meta device and no accelerate offload hook "
+                            "holds it; load the model with real weights, or with device_map=... (and "
+                            "offload_folder) so that accelerate can load them.")
 
     @property
     def offloaded(self) -> bool:
