@@ -192,6 +192,59 @@ def addition_task(name: str = "addition", n_test: int = 200, n_val: int = 100, n
     return Task(name, "generation", (), tuple(train), tuple(val), tuple(test), instruction, template, max_new_tokens=5)
 
 
+# ---------------------------------------------------------------- more generated tasks (task-count study)
+# Three tasks on the same kind of input as addition (small numbers), so that they compete for the same layers:
+# subtraction shares addition's input format and answer format, "larger" answers with a number too, parity
+# answers with a label word like the tweet tasks. Chapter 06 merges 2 to 6 tasks with them.
+
+
+def _number_task(name: str, kind: str, labels, items, n_test: int, n_val: int, n_train: int, instruction: str,
+                 max_new_tokens: int = 5) -> Task:
+    """Split pre-shuffled (text, answer, label) items into test, val, train without overlap."""
+    ex = [Example(text=t, answer=a, label=y) for t, a, y in items]
+    test, val, train = ex[:n_test], ex[n_test:n_test + n_val], ex[n_test + n_val:n_test + n_val + n_train]
+    return Task(name, kind, tuple(labels), tuple(train), tuple(val), tuple(test), instruction, LM_TEMPLATE,
+                max_new_tokens=max_new_tokens)
+
+
+def subtraction_task(name: str = "subtraction", n_test: int = 100, n_val: int = 50, n_train: int = 2000,
+                     seed: int = 0) -> Task:
+    """Two-digit subtraction "a - b" -> "a-b" with a >= b (exact match): addition's format, the other operation."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, a + 1)]
+    random.Random(seed + 1).shuffle(pairs)
+    items = [(f"{a} - {b}", str(a - b), -1) for a, b in pairs]
+    return _number_task(name, "generation", (), items, n_test, n_val, n_train, "Subtract the second number from the first.")
+
+
+def larger_task(name: str = "larger", n_test: int = 100, n_val: int = 50, n_train: int = 2000, seed: int = 0) -> Task:
+    """Which of three distinct two-digit numbers "a, b, c" is largest -> that number (exact match)."""
+    rng = random.Random(seed + 2)
+    seen, items = set(), []
+    while len(items) < n_test + n_val + n_train:
+        triple = tuple(rng.sample(range(10, 100), 3))
+        if triple not in seen:
+            seen.add(triple)
+            items.append((", ".join(map(str, triple)), str(max(triple)), -1))
+    return _number_task(name, "generation", (), items, n_test, n_val, n_train, "Which number is the largest?")
+
+
+def parity_task(name: str = "parity", n_test: int = 100, n_val: int = 50, n_train: int = 2000, seed: int = 0) -> Task:
+    """Is a three-digit number even or odd (label word)? Balanced: the numbers 100..999 are half even."""
+    numbers = list(range(100, 1000))
+    random.Random(seed + 3).shuffle(numbers)
+    labels = ("even", "odd")
+    items = [(str(n), labels[n % 2], n % 2) for n in numbers]
+    return _number_task(name, "label_words", labels, items, n_test, n_val, n_train,
+                        "Is the number even or odd? Answer with one word: even or odd.")
+
+
+def smollm2_more_tasks(seed: int = 0) -> dict[str, Task]:
+    """Three more SmolLM2 tasks for the task-count study (chapter 06); load_tasks("smollm2", names) finds them
+    by name, while load_tasks("smollm2") still returns the three shipped benchmark tasks."""
+    return {"subtraction": subtraction_task(seed=seed), "larger": larger_task(seed=seed),
+            "parity": parity_task(seed=seed)}
+
+
 # ---------------------------------------------------------------- the two tracks
 
 
@@ -223,6 +276,8 @@ def smollm2_tasks(seed: int = 0) -> dict[str, Task]:
 
 
 TRACKS = {"minilm": minilm_tasks, "smollm2": smollm2_tasks}
+# Tasks a track also knows by name but does not load by default (the task-count study's extra SmolLM2 tasks).
+EXTRA_TASKS = {"smollm2": smollm2_more_tasks}
 
 
 def load_tasks(model: str, names=None, seed: int = 0) -> dict[str, Task]:
@@ -232,6 +287,8 @@ def load_tasks(model: str, names=None, seed: int = 0) -> dict[str, Task]:
     tasks = TRACKS[model](seed)
     if names is None:
         return tasks
+    if model in EXTRA_TASKS:
+        tasks = {**tasks, **EXTRA_TASKS[model](seed)}
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in tasks]
     if unknown:
