@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iteris_lab.tracks.hub.llm import DEFAULT_METHODS  # noqa: E402
-from iteris_lab.tracks.hub.vlm import STYLE_WORDS, BlipHubConfig  # noqa: E402
+from iteris_lab.tracks.hub.vlm import BLIP_PAPER, STYLE_WORDS  # noqa: E402
 
 # command-line flag -> BlipHubConfig field, for the settings one usually changes
 OVERRIDES = {"styles": "styles", "dataset": "dataset", "train_steps": "train_steps", "lr": "lr",
@@ -27,7 +27,7 @@ OVERRIDES = {"styles": "styles", "dataset": "dataset", "train_steps": "train_ste
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = BlipHubConfig()
+    defaults = BLIP_PAPER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=defaults.model, help="hub id or local folder (BLIP model + processor)")
     parser.add_argument("--out", required=True, help="run folder: adapters/, blip_results.json, blip_results.md")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import iteris_lab
 from iteris_lab.profiles import current_profile
-from iteris_lab.tracks.harness import load_track
+from iteris_lab.tracks.llm.track import load_track
 from iteris_lab.tracks.llm.tasks import calibration_batches
 
 ROOT = Path(__file__).resolve().parent.parent

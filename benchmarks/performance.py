@@ -78,7 +78,7 @@ class _Timers:
 
 def _smollm2_problem(samples: int):
     from iteris_lab.adapters import load_adapter
-    from iteris_lab.tracks.harness import load_track
+    from iteris_lab.tracks.llm.track import load_track
     from iteris_lab.tracks.llm.tasks import calibration_batches
 
     track = load_track("smollm2")

@@ -9,59 +9,41 @@ machine load than the rest of the table: compare them with each other, not with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from iteris_lab.profiles import current_profile
+from iteris_lab.tracks import harness
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def llm_rows(name: str, out: dict, labels: list[str]) -> list[dict]:
-    from iteris_lab.profiles import current_profile
-    from iteris_lab.tracks.harness import load_track, run_methods
+def track_and_references(name: str, out: dict):
+    """The track as that benchmark ran it, a profile sized like its test sets, and its references from the JSON."""
+    profile = current_profile()
+    by = {r["label"]: r for r in out["results"]}
+    if name == "vlm":
+        from iteris_lab.tracks.vlm.benchmark import load_vlm_track
+
+        track = dataclasses.replace(load_vlm_track(), mask=out["settings"]["calibration_mask"])
+        limit = out["settings"]["test_images"]
+        return track, dataclasses.replace(profile, test_limit=limit), harness.References.from_own(out["own_lora"])
+    if name == "diffusion":
+        from iteris_lab.tracks.diffusion.benchmark import load_diffusion_track
+
+        track = load_diffusion_track()
+        refs = harness.References(by["base"]["metrics"], {c: by[f"lora:{c}"]["metrics"] for c in track.adapters})
+        return track, dataclasses.replace(profile, test_limit=out["samples_per_prompt_set"]), refs
+    from iteris_lab.tracks.llm.track import load_track
 
     track = load_track(name)
-    own = {t: next(r for r in out["results"] if r["label"] == f"lora:{t}")["accuracy"][t] for t in track.tasks}
-    return run_methods(track, current_profile(), labels, iteris=out["iteris_chosen"], progress=False, own=own)
-
-
-def vlm_rows(out: dict, labels: list[str]) -> list[dict]:
-    import dataclasses
-
-    from iteris_lab.profiles import current_profile
-    from iteris_lab.tracks.vlm import benchmark as vlm_bench
-
-    settings = out["settings"]
-    profile = dataclasses.replace(current_profile(), test_limit=settings["test_images"])
-    track = vlm_bench.load_vlm_track()
-    own = out["own_lora"]
-    return vlm_bench.run_methods(track, profile, labels, own, iteris=out["iteris_chosen"],
-                                 mask=settings["calibration_mask"])
-
-
-def diffusion_rows(out: dict, labels: list[str]) -> list[dict]:
-    from iteris_lab.profiles import current_profile
-    from iteris_lab.tracks.diffusion.benchmark import (calibration, load_diffusion_track, merge_and_measure,
-                                                       summary_row)
-    from iteris_lab.tracks.harness import method_specs
-
-    profile, track = current_profile(), load_diffusion_track()
-    by = {r["label"]: r for r in out["results"]}
-    base, own = by["base"]["metrics"], {c: by[f"lora:{c}"]["metrics"] for c in track.adapters}
-    specs, calib, rows = method_specs(profile, out["iteris_chosen"]), {}, []
-    for label in labels:
-        samples = specs[label].get("samples", 0)
-        if samples and samples not in calib:
-            calib[samples] = [calibration(track, c, samples) for c in track.adapters]
-        result, metrics, peak, samples = merge_and_measure(track, specs[label], calib, out["samples_per_prompt_set"])
-        row = summary_row(label, specs[label]["method"], metrics, base, own)
-        row.update(calibration_samples=samples, merge_seconds=result.seconds, peak_memory_mb=peak,
-                   settings={k: v for k, v in result.settings.items() if k != "adapters"})
-        rows.append(row)
-    return rows
+    own = {t: by[f"lora:{t}"]["accuracy"][t] for t in track.tasks}
+    return track, profile, harness.References.from_own(own)
 
 
 def main(argv=None) -> int:
@@ -74,12 +56,8 @@ def main(argv=None) -> int:
     path = RESULTS / f"{args.track}.json"
     out = json.loads(path.read_text())
     start = time.perf_counter()
-    if args.track == "vlm":
-        rows = vlm_rows(out, args.labels)
-    elif args.track == "diffusion":
-        rows = diffusion_rows(out, args.labels)
-    else:
-        rows = llm_rows(args.track, out, args.labels)
+    track, profile, refs = track_and_references(args.track, out)
+    rows = harness.run_methods(track, profile, args.labels, iteris=out["iteris_chosen"], progress=False, refs=refs)
     for row in rows:
         row["added_in_later_run"] = time.strftime("%Y-%m-%d")
     out["results"] = [r for r in out["results"] if r["label"] not in args.labels] + rows
@@ -100,14 +78,14 @@ def rewrite_vlm_table(out: dict) -> None:
     """vlm.md keeps its header and run note; its table is rendered again from every row, with the later rows named."""
     import sys
 
-    from iteris_lab.tracks.vlm import benchmark as vlm_bench
+    from iteris_lab.tracks.vlm.benchmark import markdown_table
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from results_md import later_rows_note
 
     page = RESULTS / "vlm.md"
     head = page.read_text().split("\n| ", 1)[0].rstrip()
-    page.write_text("\n\n".join([head, vlm_bench.markdown_table(out["results"]), *later_rows_note(out["results"])]))
+    page.write_text("\n\n".join([head, markdown_table(out["results"]), *later_rows_note(out["results"])]))
 
 
 if __name__ == "__main__":

@@ -126,48 +126,53 @@ def cmd_merge(args) -> dict:
     return report
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked(convert, expected: str, ok, requirement: str):
+    """An argparse type: convert(text), refused with "expected ..." when that fails and "must be ..." when not ok."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    return parse
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+_positive_int = _checked(int, "a whole number >= 1", lambda v: v >= 1, ">= 1")
+_finite_float = _checked(float, "a number", math.isfinite, "a finite number")
+_non_negative = _checked(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_fraction = _checked(float, "a number", lambda v: math.isfinite(v) and 0 < v <= 1, "in (0, 1]")
 
 
 def cmd_demo(args):
-    from .tracks.harness import run_demo
+    from .tracks.llm.track import run_demo
     return run_demo(json_path=args.json, quiet=args.quiet)
 
 
+BENCH_TRACKS = ("llm", "minilm", "smollm2", "vlm", "diffusion")
+
+
 def cmd_bench(args):
-    from .tracks.harness import run_bench
-    return run_bench(model=args.model, json_path=args.json, quiet=args.quiet)
+    """One track's benchmark on the harness (tracks/harness.py); the offline tracks need no internet."""
+    import os
+
+    import torch
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.track == "vlm":
+        from .tracks.vlm.benchmark import run_bench
+        return run_bench(args.out, mask=args.mask, test_images=args.test_images, val_images=args.val_images,
+                         mask_ablation=args.mask_ablation)
+    if args.track == "diffusion":
+        from .tracks.diffusion.benchmark import run_bench
+        return run_bench(args.out, samples=args.samples, figures=args.figures)
+    from .tracks.llm.track import run_bench
+    return run_bench(args.track if args.track != "llm" else args.model, args.out, figures=args.figures,
+                     quiet=args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,11 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="the full benchmark of one model track",
-                           description="Run the full benchmark (every method, both RegMean sample sizes).")
+    bench = sub.add_parser("bench", help="the benchmark of one track: IterIS tuned on validation, every method",
+                           description="Choose IterIS's settings on the validation split, then score the base model, "
+                                       "each LoRA and every merge method on the test split; writes OUT/<track>.json "
+                                       "and OUT/<track>.md. Run sizes follow ITERIS_PROFILE (ci | cpu | gpu).")
+    bench.add_argument("--track", choices=BENCH_TRACKS, default="llm",
+                       help="llm (with --model), minilm, smollm2, vlm or diffusion (default llm)")
     bench.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
-                       help="which model track to benchmark (default minilm)")
-    bench.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+                       help="the model of --track llm (default minilm)")
+    bench.add_argument("--out", default=".", help="folder for the JSON and markdown results (default .)")
+    bench.add_argument("--figures", help="folder for the figures (llm, diffusion); default: none")
+    bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    bench.add_argument("--samples", type=_positive_int, help="diffusion: images per prompt set (default by profile)")
+    bench.add_argument("--test-images", type=_positive_int,
+                       help="vlm: test images (default: the profile's test_limit, else 200)")
+    bench.add_argument("--val-images", type=_positive_int, default=100, help="vlm: validation images (default 100)")
+    bench.add_argument("--mask", choices=("text", "all"), default="text",
+                       help="vlm: calibration rows, text only (default) or with the image rows")
+    bench.add_argument("--mask-ablation", action="store_true", help="vlm: also IterIS with the other mask")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from iteris_lab.tracks.diffusion import diffusion as dm  # noqa: E402
-from iteris_lab.tracks.diffusion.training import (BaseRecipe, LoraRecipe, _write_recipe, train_base,  # noqa: E402
-                                                  train_concept_lora)
+from iteris_lab.tracks.diffusion.training import (BASE_RECIPE, LORA_RECIPE, _write_recipe,  # noqa: E402
+                                                  train_base, train_concept_lora)
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     encoder = dm.TextEncoder()
     if args.what in ("base", "all"):
-        recipe = BaseRecipe(**{k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds)) if v})
+        changes = {k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds)) if v}
+        recipe = replace(BASE_RECIPE, **changes)
         unet, log = train_base(encoder, recipe, out / "base")
         from iteris_lab.tracks.diffusion.benchmark import base_quality
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
         print(log)
     if args.what in ("loras", "all"):
         for concept in args.concepts:
-            recipe = LoraRecipe(**({"steps": args.steps} if args.steps else {}))
+            recipe = replace(LORA_RECIPE, **({"steps": args.steps} if args.steps else {}))
             log = train_concept_lora(out / "base", concept, encoder, out / "adapters" / concept, recipe)
             print(concept, log)
     return 0

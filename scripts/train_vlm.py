@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from iteris_lab.tracks.llm.training import optimizer_step  # noqa: E402
+from iteris_lab.tracks.training import Training, train  # noqa: E402
 from iteris_lab.tracks.vlm import captions, vlm  # noqa: E402
 
 
@@ -51,20 +51,22 @@ def content_accuracy(model, tokenizer, pixels, labels, style=None) -> tuple[floa
     return sum(captions.content_correct(t, y) for t, y in zip(texts, labels.tolist())) / len(texts), texts
 
 
-def stage_classifier(model, head, train, args, gen) -> dict:
+def stage_classifier(model, head, train_split, args, gen) -> dict:
     params = list(model.model.vision_tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.cls_lr)
-    x, y = train
-    for step in range(args.cls_steps):
+    x, y = train_split
+
+    def loss_of_step(_):
         idx = torch.randint(0, len(y), (64,), generator=gen)
-        logits = head(vlm.patch_features(model, shifted(x[idx], gen)).mean(1))
-        loss = F.cross_entropy(logits, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 100 == 0:
-            log(f"classifier step {step + 1} loss {loss.item():.4f}")
-    return {"cls_steps": args.cls_steps, "cls_final_loss": round(loss.item(), 4)}
+        return F.cross_entropy(head(vlm.patch_features(model, shifted(x[idx], gen)).mean(1)), y[idx])
+
+    losses = train(params, loss_of_step, plain_adamw(args.cls_steps, args.cls_lr), "classifier", log_every=100)
+    return {"cls_steps": args.cls_steps, "cls_final_loss": round(losses[-1], 4)}
+
+
+def plain_adamw(steps: int, lr: float) -> Training:
+    """Stages 1-2: AdamW (torch's default weight decay 0.01) at a constant lr, no gradient clipping."""
+    return Training(steps=steps, lr=lr, batch_size=64, warmup_steps=0, schedule="constant", weight_decay=0.01,
+                    max_norm=None)
 
 
 @torch.no_grad()
@@ -73,53 +75,55 @@ def classifier_accuracy(model, head, split) -> float:
     return (head(vlm.patch_features(model, x).mean(1)).argmax(-1) == y).float().mean().item()
 
 
-def stage_word_alignment(model, head, tokenizer, train, args, gen) -> dict:
+def stage_word_alignment(model, head, tokenizer, train_split, args, gen) -> dict:
     words = torch.tensor([tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in captions.DIGIT_WORDS])
     targets = model.get_input_embeddings().weight[words].detach()  # (10, 576)
     params = [p for n, p in model.named_parameters() if n.startswith(vlm.SHIPPED_PREFIXES)] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.align_lr)
-    x, y = train
-    for step in range(args.align_steps):
+    x, y = train_split
+    mse = []
+
+    def loss_of_step(_):
         idx = torch.randint(0, len(y), (64,), generator=gen)
         patches = vlm.patch_features(model, shifted(x[idx], gen))
         tokens = model.model.multi_modal_projector(patches)  # (64, 16, 576)
-        mse = ((tokens - targets[y[idx]][:, None]) ** 2).mean() / (targets ** 2).mean()
-        loss = mse + F.cross_entropy(head(patches.mean(1)), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 100 == 0:
-            log(f"word alignment step {step + 1} relative mse {mse.item():.4f}")
-    return {"align_steps": args.align_steps, "align_final_relative_mse": round(mse.item(), 4)}
+        mse.append(((tokens - targets[y[idx]][:, None]) ** 2).mean() / (targets ** 2).mean())
+        return mse[-1] + F.cross_entropy(head(patches.mean(1)), y[idx])
+
+    train(params, loss_of_step, plain_adamw(args.align_steps, args.align_lr), "word alignment", log_every=100)
+    return {"align_steps": args.align_steps, "align_final_relative_mse": round(mse[-1].item(), 4)}
 
 
 def stage_captions(model, tokenizer, splits, args, gen) -> dict:
     params = [p for n, p in model.named_parameters() if n.startswith(vlm.SHIPPED_PREFIXES)]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    decay = (lambda s: 1 - 0.9 * s / args.steps) if args.decay else (lambda s: 1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    settings = Training(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=0, weight_decay=0.01,
+                        schedule="linear_warmup_decay" if args.decay else "constant", seed=args.seed)
     rng = random.Random(args.seed)
     x, y = splits["train"]
     val_x, val_y = splits["val"][0][:args.val_images], splits["val"][1][:args.val_images]
     history, start = [], time.perf_counter()
-    for step in range(1, args.steps + 1):
+
+    def loss_of_step(_):
         idx = torch.randint(0, len(y), (args.batch_size,), generator=gen)
         texts = [captions.caption(int(label), None, rng) for label in y[idx]]
         batch = vlm.caption_batch(model, tokenizer, shifted(x[idx], gen, 1), [captions.PLAIN_PROMPT] * len(idx), texts)
         model.train()
-        loss = vlm.caption_loss(model, batch)
-        optimizer_step(opt, schedule, params, loss)
+        return vlm.caption_loss(model, batch)
+
+    def evaluate(step, loss) -> bool:
+        """Every eval_every steps: the validation content accuracy; True (stop) once it reaches the target."""
         model.eval()
-        if step % 10 == 0:
-            log(f"captions step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
-        if step % args.eval_every == 0 or step == args.steps:
-            acc, sample = content_accuracy(model, tokenizer, val_x, val_y)
-            history.append({"step": step, "val_content": acc, "loss": round(loss.item(), 4)})
-            log(f"captions step {step}: val content accuracy {acc:.3f}  e.g. {sample[:3]}")
-            if acc >= args.target:
-                break
-    return {"caption_steps": step, "caption_lr": args.lr, "caption_lr_decay": bool(args.decay), "caption_batch_size": args.batch_size,
-            "caption_time_s": round(time.perf_counter() - start, 1), "caption_history": history}
+        step += 1
+        if step % args.eval_every and step != args.steps:
+            return False
+        acc, sample = content_accuracy(model, tokenizer, val_x, val_y)
+        history.append({"step": step, "val_content": acc, "loss": round(loss, 4)})
+        log(f"captions step {step}: val content accuracy {acc:.3f}  e.g. {sample[:3]}")
+        return acc >= args.target
+
+    losses = train(params, loss_of_step, settings, "captions", log_every=10, on_step=evaluate)
+    return {"caption_steps": len(losses), "caption_lr": args.lr, "caption_lr_decay": bool(args.decay),
+            "caption_batch_size": args.batch_size, "caption_time_s": round(time.perf_counter() - start, 1),
+            "caption_history": history}
 
 
 def train_base(args) -> dict:
@@ -176,18 +180,18 @@ def train_lora(args) -> dict:
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=vlm.LM_QKV_REGEX)
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - 0.9 * s / args.steps))
+    settings = Training(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=10,
+                        schedule="ramped_linear_decay", weight_decay=0.01, seed=args.seed)
     splits = captions.digit_splits(seed=0)
     x, y = splits["train"]
     prompt, start = captions.prompt_for(args.style), time.perf_counter()
-    for step in range(1, args.steps + 1):
+
+    def loss_of_step(_):
         idx = torch.randint(0, len(y), (args.batch_size,), generator=gen)
         texts = [captions.caption(int(label), args.style, rng) for label in y[idx]]
-        loss = vlm.caption_loss(peft_model, vlm.caption_batch(model, tokenizer, x[idx], [prompt] * len(idx), texts))
-        optimizer_step(opt, schedule, params, loss)
-        if step % 10 == 0:
-            log(f"lora {args.style} step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
+        return vlm.caption_loss(peft_model, vlm.caption_batch(model, tokenizer, x[idx], [prompt] * len(idx), texts))
+
+    losses = train(params, loss_of_step, settings, f"lora {args.style}", log_every=10)
     seconds = time.perf_counter() - start
     peft_model.eval()
     val_x, val_y = splits["val"]
@@ -202,7 +206,7 @@ def train_lora(args) -> dict:
     record = {"style": args.style, "prompt": prompt, "rank": args.rank, "alpha": 2 * args.rank,
               "target_modules": vlm.LM_QKV_REGEX, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
               "seed": args.seed, "train_time_s": round(seconds, 1), "s_per_step": round(seconds / args.steps, 3),
-              "final_loss": round(loss.item(), 4), "val_content_acc": content, "val_lexicon_style_acc": style,
+              "final_loss": round(losses[-1], 4), "val_content_acc": content, "val_lexicon_style_acc": style,
               "val_images": len(texts), "val_samples": texts[:5], "torch_threads": torch.get_num_threads(),
               "trainable_params": sum(p.numel() for p in params)}
     (out / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")

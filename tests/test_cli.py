@@ -167,3 +167,26 @@ def test_7_every_option_has_help():
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--track", "minilm"], ("llm", "minilm")), (["--track", "llm", "--model", "smollm2"], ("llm", "smollm2")),
+    (["--track", "vlm", "--mask", "all", "--test-images", "8"], ("vlm", {"mask": "all", "test_images": 8})),
+    (["--track", "diffusion", "--samples", "10"], ("diffusion", {"samples": 10})),
+])
+def test_bench_runs_the_chosen_track_on_the_harness(argv, expected, monkeypatch, tmp_path):
+    from iteris_lab.tracks.diffusion import benchmark as diffusion_bench
+    from iteris_lab.tracks.llm import track as llm_track
+    from iteris_lab.tracks.vlm import benchmark as vlm_bench
+
+    calls = []
+    monkeypatch.setattr(llm_track, "run_bench", lambda model, out, **kw: calls.append(("llm", model)))
+    monkeypatch.setattr(vlm_bench, "run_bench", lambda out, **kw: calls.append(("vlm", kw)))
+    monkeypatch.setattr(diffusion_bench, "run_bench", lambda out, **kw: calls.append(("diffusion", kw)))
+    assert main(["bench", *argv, "--out", str(tmp_path)]) == 0
+    (track, got), = calls
+    assert track == expected[0]
+    if isinstance(expected[1], dict):
+        assert expected[1].items() <= got.items()
+    else:
+        assert got == expected[1]

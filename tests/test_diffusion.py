@@ -117,7 +117,7 @@ def test_cross_attention_rows_are_the_real_text_tokens(tmp_path):
     unet, dirs = _tiny_unet_and_loras(tmp_path)
     modules = dict(unet.named_modules())
     names = [n for n in modules if n.endswith(("attn2.to_k", "attn2.to_v", "attn1.to_q"))]
-    grams = gram_pass(unet, {n: Target(n, modules[n]) for n in names}, _batches(0), None, False)
+    grams = gram_pass(unet, {n: Target(n, modules[n]) for n in names}, _batches(0))
     rows = {group[0].rsplit(".", 1)[-1]: count for group, count in grams.rows.items()}
     assert rows["to_k"] == 2 * (3 + 5)  # two timesteps x real tokens; padding never enters
     assert rows["to_q"] == 2 * 2 * 4 * 4  # two timesteps x two images x the 4x4 latent positions
@@ -155,20 +155,22 @@ def test_regmean_solves_with_a_dead_text_feature(tmp_path):
 
 
 def test_training_writes_loadable_base_and_concept_lora(tmp_path):
-    from iteris_lab.tracks.diffusion.training import BaseRecipe, LoraRecipe, train_base, train_concept_lora
+    from dataclasses import replace
+
+    from iteris_lab.tracks.diffusion.training import BASE_RECIPE, LORA_RECIPE, train_base, train_concept_lora
 
     encoder = dm.TextEncoder()
-    train_base(encoder, BaseRecipe(steps=2, batch_size=8, warmup_steps=1), tmp_path / "base")
+    train_base(encoder, replace(BASE_RECIPE, steps=2, batch_size=8, warmup_steps=1), tmp_path / "base")
     unet = dm.load_base(tmp_path / "base")
     assert not any(p.requires_grad for p in unet.parameters())
     log = train_concept_lora(tmp_path / "base", "thick", encoder, tmp_path / "thick",
-                             LoraRecipe(steps=2, batch_size=8, warmup_steps=1))
+                             replace(LORA_RECIPE, steps=2, batch_size=8, warmup_steps=1))
     assert log["steps_done"] == 2
     adapter = load_adapter(tmp_path / "thick")
     assert len(adapter.layers) == 48  # 32 attention projections + 16 resnet convolutions
     recipe = json.loads((tmp_path / "thick" / "recipe.json").read_text())
     assert recipe["concept"]["phrase"] == "in vxq style" and recipe["recipe"]["prior_fraction"] == 0.5
     with pytest.raises(ValueError, match="unknown concept"):
-        train_concept_lora(tmp_path / "base", "blurry", encoder, tmp_path / "x", LoraRecipe(steps=1))
+        train_concept_lora(tmp_path / "base", "blurry", encoder, tmp_path / "x", replace(LORA_RECIPE, steps=1))
     with pytest.raises(FileNotFoundError, match="train_diffusion.py"):
         dm.load_base(tmp_path / "nowhere")

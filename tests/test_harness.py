@@ -6,6 +6,7 @@ import torch
 
 from iteris_lab.profiles import PROFILES
 from iteris_lab.tracks import harness
+from iteris_lab.tracks.llm import track as llm_track
 from iteris_lab.tracks.llm.tasks import Example, Task
 from tiny import WORDS, build_tiny, make_lora, save_tokenizer
 
@@ -35,7 +36,7 @@ def track(tmp_path):
     adapters = {t: make_lora(model, tmp_path / t, ["query", "value"], seed=i + 1) for i, t in enumerate(tasks)}
     g = torch.Generator().manual_seed(7)
     heads = {t: {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.zeros(3)} for t in tasks}
-    return harness.Track("tiny", model, tokenizer, tasks, adapters, heads, max_length=16)
+    return llm_track.LlmTrack("tiny", model, tokenizer, tasks, adapters, heads, max_length=16)
 
 
 def test_run_methods_rows_and_json_schema(track, tmp_path):
@@ -55,7 +56,7 @@ def test_run_methods_rows_and_json_schema(track, tmp_path):
     for r in rows[4:]:
         assert r["merge_seconds"] > 0 and r["peak_memory_mb"] >= 0
         assert 0 <= r["mean_accuracy"] <= 1 and r["mean_normalized"] >= 0
-    out = harness.report(track, profile, rows, seconds=1.0)
+    out = llm_track.report(track, profile, rows, seconds=1.0)
     text = json.dumps(out)  # JSON-ready
     again = json.loads(text)
     assert set(again) >= {"model", "profile", "environment", "tasks", "results", "seconds"}
@@ -66,19 +67,19 @@ def test_run_methods_rows_and_json_schema(track, tmp_path):
 
 def test_validation_choice_never_reads_test(track, monkeypatch):
     seen = []
-    original = harness.evaluate_track
+    original = llm_track.LlmTrack.evaluate
 
-    def spy(track_, limit, progress=False, split="test"):
+    def spy(self, split, *args, **kwargs):
         seen.append(split)
-        return original(track_, limit, progress, split)
+        return original(self, split, *args, **kwargs)
 
-    monkeypatch.setattr(harness, "evaluate_track", spy)
+    monkeypatch.setattr(llm_track.LlmTrack, "evaluate", spy)
     grid = {"alpha": (1e-4,), "adaptive_weights": ("official", "none")}
-    chosen, tried = harness.choose_iteris_settings(track, PROFILES["ci"], grid=grid, progress=False)
+    chosen, tried = harness.choose_iteris(track, PROFILES["ci"], grid=grid, progress=False)
     assert set(seen) == {"val"} and len(tried) == 2
     assert chosen["adaptive_weights"] in ("official", "none")
 
 
 def test_missing_adapters_say_how_to_train_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_loras.py --model minilm"):
-        harness.load_track("minilm", adapter_root=tmp_path)
+        llm_track.load_track("minilm", adapter_root=tmp_path)

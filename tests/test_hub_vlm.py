@@ -2,6 +2,7 @@
 processor (loaded through the same from_pretrained code as the hub id), with a fake caption loader."""
 import json
 import math
+from dataclasses import replace
 import runpy
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 from iteris_lab.profiles import PROFILES
 from iteris_lab.targets import Target
-from iteris_lab.tracks.hub.vlm import (STYLE_WORDS, BlipHubConfig, blip_hub_config, bleu, calibration_batches,
+from iteris_lab.tracks.hub.vlm import (BLIP_PAPER, STYLE_WORDS, BlipHubConfig, blip_hub_config, bleu, calibration_batches,
                                        caption_batch, caption_loader, evaluate_style, load_blip, run_blip_hub, stylize)
 from iteris_lab.tracks.vlm.captions import lexicon_style
 
@@ -87,7 +88,7 @@ def tiny_config(model: str, **overrides) -> BlipHubConfig:
     settings = dict(model=model, train_steps=15, lr=1e-2, train_batch_size=8, warmup_steps=2, max_train=24, n_test=6,
                     calibration_samples=12, calibration_batch_size=5, max_iter=3, max_length=24, max_new_tokens=8,
                     num_beams=1, eval_batch_size=6, device="cpu")
-    return BlipHubConfig(**{**settings, **overrides})
+    return replace(BLIP_PAPER, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

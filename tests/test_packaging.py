@@ -80,9 +80,9 @@ def test_installed_wheel_finds_its_data_from_any_folder_and_imports_no_extra(whe
         f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
         "import iteris_lab\n"
         "from iteris_lab import paths\n"
-        "from iteris_lab.tracks import harness\n"
+        "from iteris_lab.tracks.llm import track\n"
         "print(json.dumps({'package': iteris_lab.__file__, 'data': str(paths.data_dir()),\n"
-        "                  'adapters': str(harness.ADAPTERS),\n"
+        "                  'adapters': str(track.shipped_adapters()),\n"
         f"                  'optional': [o for o in {OPTIONAL!r} if o in sys.modules]}}))\n")
     env = {k: v for k, v in os.environ.items() if k != paths.ENV} | {"PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True, capture_output=True,

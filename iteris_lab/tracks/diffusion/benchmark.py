@@ -11,32 +11,62 @@ Per merged model and concept c, against the base on plain prompts (0) and c's ow
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ...adapters import load_adapter
-from ...measure import PeakMemory, weights_added
+from ...measure import weights_added
 from ...merge import merge_loras
 from ...paths import missing_data
-from ...profiles import Profile
-from ..harness import method_specs
+from ...profiles import current_profile
+from .. import harness
+from ..harness import References, Track, run_columns
 from . import diffusion as dm
 from .digits import STYLES, DigitJudge, digit_images, fit_judge, ink, slant_score, split_indices
 
 METRICS = {"ink": ink, "slant_score": slant_score}
+SEEDS = {"test": 0, "val": 1}  # start noises and prompt templates of each split
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
            "iteris_sweep")
 
 
 @dataclass
-class DiffusionTrack:
+class DiffusionTrack(Track):
+    """The text-to-image track on the harness: tasks are the concepts, metrics are per prompt set; `evaluate`
+    samples `limit` images per prompt set, on the test seed (0) or the validation seed (1: other noises and
+    prompt templates)."""
+
     unet: torch.nn.Module
     encoder: dm.TextEncoder
     judge: DigitJudge
     adapters: dict[str, str]  # concept -> PEFT folder
+    name: str = "diffusion"
+    own_only = False  # the concept levels need the base and each LoRA on every prompt set
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.unet
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "") -> dict:
+        return measure(self.unet, self, limit, seed=SEEDS[split])
+
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        """Per concept (batches of 50 noised images: the batch size is the track's own)."""
+        return [calibration(self, c, samples) for c in self.adapters]
+
+    def score(self, label: str, method: str, metrics: dict, refs: References) -> dict:
+        return summary_row(label, method, metrics, refs.base, refs.loras)
+
+    def validation(self, row: dict) -> tuple[tuple, dict]:
+        """Best mean fidelity on "both" prompts minus mean leakage; content accuracy breaks ties."""
+        score = row["mean_fidelity"] - row["mean_leakage"]
+        return (round(score, 3), row["content"]), {"val_score": score, "val_content": row["content"],
+                                                   "val_fidelity": row["fidelity"], "val_leakage": row["leakage"]}
 
 
 def load_diffusion_track(root=None, concepts=None) -> DiffusionTrack:
@@ -108,64 +138,25 @@ def calibration(track: DiffusionTrack, concept: str, n: int, batch_size: int = 5
     return dm.noisy_batches(styled, cond, mask, timesteps, batch_size, seed)
 
 
-def references(track: DiffusionTrack, n: int, seed: int = 0) -> tuple[dict, dict]:
-    """The base model's and each LoRA's metrics: (base, {concept: metrics})."""
-    base = measure(track.unet, track, n, seed)
-    own = {}
-    for c, path in track.adapters.items():
-        with weights_added(track.unet, load_adapter(path).layers):
-            own[c] = measure(track.unet, track, n, seed)
-    return base, own
+def merge_and_measure(track: DiffusionTrack, spec: dict, calib: dict, n: int, on_iteration=None):
+    """One merge (merge_loras kwargs in spec, `samples` -> calib[samples]) and its metrics on the test seed:
+    (MergeResult, metrics, peak MB, samples)."""
+    samples = spec.get("samples", 0)
+    result, metrics, run = harness.merge_and_evaluate(track, spec, calib.get(samples), n, on_iteration=on_iteration)
+    return result, metrics, run["peak_memory_mb"], samples
 
 
-def merge_and_measure(track: DiffusionTrack, spec: dict, calib: dict, n: int, seed: int = 0, on_iteration=None):
-    """One merge (merge_loras kwargs in spec, `samples` → calibration[samples]) and its metrics."""
-    spec = dict(spec)
-    samples = spec.pop("samples", 0)
-    adapters = [load_adapter(p) for p in track.adapters.values()]
-    with PeakMemory(next(track.unet.parameters()).device) as memory:
-        result = merge_loras(track.unet, adapters, calib.get(samples), progress=False, on_iteration=on_iteration,
-                             **spec)
-    with weights_added(track.unet, result.deltas):
-        metrics = measure(track.unet, track, n, seed)
-    return result, metrics, memory.peak_mb, samples
-
-
-def run_methods(track: DiffusionTrack, profile: Profile, n: int, labels=METHODS, iteris: dict | None = None,
-                seed: int = 0, log=print) -> list[dict]:
-    """Rows for the base, each LoRA and every merge in `labels`, all measured on the same prompts and noises."""
-    base, own = references(track, n, seed)
-    rows = [summary_row("base", "base", base, base, own)]
-    rows += [summary_row(f"lora:{c}", "lora", m, base, own) for c, m in own.items()]
-    specs = method_specs(profile, iteris)
-    calib = {}
-    for label in labels:
-        start = time.perf_counter()
-        samples = specs[label].get("samples", 0)
-        if samples and samples not in calib:
-            calib[samples] = [calibration(track, c, samples) for c in track.adapters]
-        result, metrics, peak, samples = merge_and_measure(track, specs[label], calib, n, seed)
-        row = summary_row(label, specs[label]["method"], metrics, base, own)
-        row.update(calibration_samples=samples, merge_seconds=result.seconds, peak_memory_mb=peak,
-                   settings={k: v for k, v in result.settings.items() if k != "adapters"})
-        rows.append(row)
-        log(f"{label}: fidelity {row['mean_fidelity']:.2f} leakage {row['mean_leakage']:.2f} "
-            f"content {row['content']:.2f} ({time.perf_counter() - start:.0f} s)")
-    return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
+def concept_columns(rows: list[dict]) -> list:
+    """Content, then per concept the level on "both" prompts, alone and the leakage."""
     concepts = list(rows[0]["fidelity"])
-    head = ["method", "content", *(f"{c} (both)" for c in concepts), *(f"{c} (alone)" for c in concepts),
-            *(f"{c} leak" for c in concepts), "samples/concept", "merge s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"], f"{r['content']:.3f}", *(f"{r['fidelity'][c]:.2f}" for c in concepts),
-                 *(f"{r['alone'][c]:.2f}" for c in concepts), *(f"{r['leakage'][c]:.2f}" for c in concepts),
-                 str(r.get("calibration_samples", "")) or "-",
-                 f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return [("method", lambda r: r["label"]), ("content", lambda r: f"{r['content']:.3f}"),
+            *((f"{c} (both)", lambda r, c=c: f"{r['fidelity'][c]:.2f}") for c in concepts),
+            *((f"{c} (alone)", lambda r, c=c: f"{r['alone'][c]:.2f}") for c in concepts),
+            *((f"{c} leak", lambda r, c=c: f"{r['leakage'][c]:.2f}") for c in concepts),
+            *run_columns("concept", memory=False)]
+
+
+markdown_table = partial(harness.markdown_table, columns=concept_columns)
 
 
 def base_quality(unet, encoder: dm.TextEncoder, n: int = 200, seed: int = 0) -> dict:
@@ -178,3 +169,64 @@ def base_quality(unet, encoder: dm.TextEncoder, n: int = 200, seed: int = 0) -> 
         out[f"content_guidance_{guidance:g}"] = judge.accuracy(images, digits)
         out[f"ink_guidance_{guidance:g}"] = float(ink(images).mean())
     return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+GRID = {"alpha": (1e-4, 1e-2), "adaptive_weights": ("official", "none")}
+SAMPLES = {"ci": 40, "cpu": 200, "gpu": 500}  # images per prompt set
+
+
+def run_bench(out_dir=".", samples: int | None = None, figures=None, log=print) -> dict:
+    """The diffusion benchmark: IterIS settings chosen on validation prompts and noises (seed 1, half as many
+    samples, at least 20), then every method on the test ones (seed 0, `samples` per prompt set, default
+    SAMPLES[profile]). Writes OUT/diffusion.json and .md; given a `figures` folder, diffusion_scores.png and
+    diffusion_grid.png (samples of every model for prompts asking for both concepts)."""
+    start, profile = time.perf_counter(), current_profile()
+    n = samples or SAMPLES[profile.name]
+    track = load_diffusion_track()
+    chosen, tried = harness.choose_iteris(track, replace(profile, test_limit=max(20, n // 2)), GRID, progress=False,
+                                          log=log)
+    rows = harness.run_methods(track, replace(profile, test_limit=n), METHODS, chosen, progress=False, log=log)
+    out = {"model": "diffusion", "profile": profile.name, "samples_per_prompt_set": n, "sampler": "DDIM 25, guidance 1",
+           "calibration_timesteps": list(dm.CALIBRATION_TIMESTEPS), "judge_held_out": track.judge.held_out,
+           "base_recipe": dm.recipe(dm.DATA / "base"), "iteris_chosen": chosen, "iteris_validation": tried,
+           "environment": harness.environment(), "results": rows, "seconds": time.perf_counter() - start}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "diffusion.json").write_text(json.dumps(out, indent=2, default=str))
+    (out_dir / "diffusion.md").write_text(markdown_table(rows) + "\n")
+    if figures is not None:
+        score_plot(rows, Path(figures) / "diffusion_scores.png")
+        grid_figure(track, profile, chosen, Path(figures) / "diffusion_grid.png")
+    print(markdown_table(rows))
+    return out
+
+
+def grid_figure(track: DiffusionTrack, profile, chosen: dict, path: Path) -> None:
+    from ...viz.plots import plot_image_grid
+
+    prompts, digits = prompts_for(tuple(track.adapters), 10)
+    rows = {"base": dm.sample(track.unet, track.encoder, prompts)}
+    for c, p in track.adapters.items():
+        with weights_added(track.unet, load_adapter(p).layers):
+            rows[f"LoRA {c}"] = dm.sample(track.unet, track.encoder, prompts)
+    calib = track.calibration(profile.calibration_samples, profile.batch_size)
+    for label, spec in (("linear", {"method": "linear"}), ("task arithmetic", {"method": "task_arithmetic"}),
+                        ("regmean", {"method": "regmean"}),
+                        ("iteris", {"method": "iteris", "max_iter": profile.max_iter, **chosen})):
+        result = merge_loras(track.unet, list(track.adapters.values()), calib, progress=False, **spec)
+        with weights_added(track.unet, result.deltas):
+            rows[label] = dm.sample(track.unet, track.encoder, prompts)
+    figure = plot_image_grid(rows, columns=digits.tolist(), title="prompt asks for both concepts (thick + slant)")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def score_plot(rows: list[dict], path: Path) -> None:
+    from ...viz.plots import plot_bars
+
+    table = [{"method": r["label"], "measure": f"{c} {kind}", "level": r[kind][c]}
+             for r in rows if r["method"] != "lora" for kind in ("fidelity", "leakage") for c in r["fidelity"]]
+    figure = plot_bars(table, x="measure", y="level", hue="method", reference=1.0,
+                       title="concept level (0 = base, 1 = own LoRA): asked for both, and leaked where not asked")
+    figure.savefig(path, dpi=120, bbox_inches="tight")

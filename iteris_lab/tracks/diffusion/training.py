@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -19,40 +18,31 @@ from pathlib import Path
 
 import torch
 
-from ..llm.training import optimizer_step
+from ..training import LoraTraining, Training, train
 from . import diffusion as dm
 from .digits import STYLES, digit_images, split_indices
 
 
 @dataclass(frozen=True)
-class BaseRecipe:
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 200
+class BaseRecipe(Training):
+    """The base UNet's training; prompts are dropped (replaced by "") with prompt_dropout, for guidance; the EMA of
+    the weights (decay ema_decay) is what ships; max_seconds stops early."""
+
     prompt_dropout: float = 0.1
     ema_decay: float = 0.999
-    seed: int = 0
     max_seconds: float | None = None
 
 
 @dataclass(frozen=True)
-class LoraRecipe:
-    rank: int = 8
-    alpha: int = 8
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-    steps: int = 500
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 30
+class LoraRecipe(LoraTraining):
+    """A concept LoRA's training: a prior_fraction of every batch is plain (plain prompt, plain image)."""
+
     prior_fraction: float = 0.5
-    seed: int = 0
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+BASE_RECIPE = BaseRecipe(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, schedule="cosine")
+LORA_RECIPE = LoraRecipe(steps=500, batch_size=64, lr=2e-3, warmup_steps=30, schedule="cosine", rank=8, alpha=8,
+                         target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"))
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
@@ -70,30 +60,24 @@ def _prompts(labels, rng: random.Random, concepts=(), dropout: float = 0.0) -> l
             for d in labels]
 
 
-def _train(unet, params, make_batch, steps: int, lr: float, warmup: int, seed: int, desc: str,
-           max_seconds: float | None = None, on_step=None) -> dict:
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
-    scheduler, generator = dm.make_scheduler(), torch.Generator().manual_seed(seed + 1)
-    losses, start = [], time.perf_counter()
+def _train(unet, params, make_batch, recipe: Training, desc: str, max_seconds: float | None = None,
+           on_step=None) -> dict:
+    """The training loop on the denoising loss of make_batch()'s (x0, cond, mask); a log of the run."""
+    scheduler, generator = dm.make_scheduler(), torch.Generator().manual_seed(recipe.seed + 1)
+
+    def loss_of_step(_):
+        return dm.denoising_loss(unet, *make_batch(), scheduler, generator)
+
+    start = time.perf_counter()
     unet.train()
-    for step in range(steps):
-        x0, cond, mask = make_batch()
-        loss = dm.denoising_loss(unet, x0, cond, mask, scheduler, generator)
-        losses.append(optimizer_step(optimizer, schedule, params, loss))
-        if on_step:
-            on_step()
-        if (step + 1) % 100 == 0:
-            print(f"{desc}: step {step + 1}/{steps} loss {sum(losses[-100:]) / 100:.4f} "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
-        if max_seconds and time.perf_counter() - start > max_seconds:
-            break
+    losses = train(params, loss_of_step, recipe, desc, log_every=100, max_seconds=max_seconds,
+                   on_step=on_step and (lambda *_: on_step()))
     unet.eval()
     return {"steps_done": len(losses), "seconds": time.perf_counter() - start,
             "final_loss": sum(losses[-100:]) / len(losses[-100:])}
 
 
-def train_base(encoder: dm.TextEncoder, recipe: BaseRecipe = BaseRecipe(), out_dir=None):
+def train_base(encoder: dm.TextEncoder, recipe: BaseRecipe = BASE_RECIPE, out_dir=None):
     """Train the base UNet on the training digits; returns (EMA UNet, training log). Saved when out_dir is given."""
     torch.manual_seed(recipe.seed)
     images, labels = digit_images(16)
@@ -115,8 +99,7 @@ def train_base(encoder: dm.TextEncoder, recipe: BaseRecipe = BaseRecipe(), out_d
         for e, p in zip(ema.parameters(), unet.parameters()):
             e.lerp_(p, 1 - decay)
 
-    log = _train(unet, list(unet.parameters()), make_batch, recipe.steps, recipe.lr, recipe.warmup_steps,
-                 recipe.seed, "base", recipe.max_seconds, update_ema)
+    log = _train(unet, list(unet.parameters()), make_batch, recipe, "base", recipe.max_seconds, update_ema)
     ema.eval()
     if out_dir is not None:
         ema.save_pretrained(out_dir)
@@ -132,7 +115,7 @@ def lora_config(recipe: LoraRecipe):
                       lora_dropout=0.0, bias="none")
 
 
-def train_concept_lora(base_dir, concept: str, encoder: dm.TextEncoder, out_dir, recipe: LoraRecipe = LoraRecipe()):
+def train_concept_lora(base_dir, concept: str, encoder: dm.TextEncoder, out_dir, recipe: LoraRecipe = LORA_RECIPE):
     """Train one concept LoRA on a fresh copy of the base; writes a PEFT folder (adapter_config.json +
     adapter_model.safetensors) and recipe.json to out_dir; returns the training log."""
     from peft import get_peft_model_state_dict, inject_adapter_in_model
@@ -161,7 +144,7 @@ def train_concept_lora(base_dir, concept: str, encoder: dm.TextEncoder, out_dir,
         cond, mask = encoder(_prompts(yc, rng, (concept,)) + _prompts(yp, rng))
         return torch.cat([xc, xp]), cond, mask
 
-    log = _train(unet, params, make_batch, recipe.steps, recipe.lr, recipe.warmup_steps, recipe.seed, concept)
+    log = _train(unet, params, make_batch, recipe, concept)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}

@@ -26,16 +26,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from ... import measure
 from ...lora_formats import WEIGHT_NAMES, read_diffusers_lora, write_diffusers_lora
-from ...merge import merge_loras
 from ...profiles import Profile, current_profile
 from .. import harness
 from ..diffusion.diffusion import noisy_batches
 from ..diffusion.image_scores import ClipScorer, save_grid, to_pixels
-from ..llm.training import optimizer_step
+from ..training import Training, train
 
-DATA_METHODS = ("iteris", "regmean")
 
 
 @dataclass(frozen=True)
@@ -264,19 +261,18 @@ def train_concept_lora(pipe, concept: SDConcept, instance: torch.Tensor, prior: 
 
 
 def _fit(unet, scheduler, params, instance, prior, instance_cond, class_cond, config: SDHubConfig) -> list[float]:
-    """DreamBooth loss: ‖ε̂ − ε‖² on instance latents + prior_weight · the same on class latents."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
-    warmup = max(1, config.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    generator, device, losses = _generator(config.seed + 1), instance_cond.device, []
+    """DreamBooth loss: ‖ε̂ − ε‖² on instance latents + prior_weight · the same on class latents; AdamW
+    with a linear warmup, then constant."""
+    generator, device = _generator(config.seed + 1), instance_cond.device
     use_prior = prior is not None and config.prior_weight > 0
-    unet.train()
-    for _ in range(config.train_steps):
-        pick = torch.randint(0, len(instance), (config.train_batch_size,), generator=generator)
-        latents, cond = [instance[pick]], [instance_cond.expand(config.train_batch_size, -1, -1)]
+    n = config.train_batch_size
+
+    def loss_of_step(_):
+        pick = torch.randint(0, len(instance), (n,), generator=generator)
+        latents, cond = [instance[pick]], [instance_cond.expand(n, -1, -1)]
         if use_prior:
-            latents.append(prior[torch.randint(0, len(prior), (config.train_batch_size,), generator=generator)])
-            cond.append(class_cond.expand(config.train_batch_size, -1, -1))
+            latents.append(prior[torch.randint(0, len(prior), (n,), generator=generator)])
+            cond.append(class_cond.expand(n, -1, -1))
         latents, cond = torch.cat(latents).float(), torch.cat(cond)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
@@ -284,10 +280,12 @@ def _fit(unet, scheduler, params, instance, prior, instance_cond, class_cond, co
         with torch.autocast(device.type, enabled=unet.dtype != torch.float32, dtype=unet.dtype):
             pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
         errors = (pred - _noise_target(scheduler, latents, noise, t)).square().mean(dim=(1, 2, 3))
-        n = config.train_batch_size
-        loss = errors[:n].mean() + (config.prior_weight * errors[n:].mean() if use_prior else 0.0)
-        losses.append(optimizer_step(optimizer, schedule, params, loss))
-    return losses
+        return errors[:n].mean() + (config.prior_weight * errors[n:].mean() if use_prior else 0.0)
+
+    settings = Training(steps=config.train_steps, lr=config.lr, batch_size=n, warmup_steps=max(1, config.warmup_steps),
+                        schedule="constant", weight_decay=1e-2, seed=config.seed)
+    unet.train()
+    return train(params, loss_of_step, settings, desc="train concept")
 
 
 # ---------------------------------------------------------------- calibration and scoring
@@ -336,14 +334,28 @@ def score_images(scorer: ClipScorer | None, images: list, prompts: list[str], pe
 
 
 @dataclass
-class _Run:
+class SdTrack(harness.Track):
+    """Stable Diffusion's UNet and the concept LoRAs on the harness: a model's "metrics" are its sample grid of
+    config.sample_prompts() and their CLIP scores; each merge is also written as a diffusers LoRA file."""
+
     pipe: object
     config: SDHubConfig
     out: Path
     scorer: ClipScorer | None
-    references: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: dict
+    batches: list  # per concept: calibration()
+    references: dict[str, torch.Tensor] = field(default_factory=dict)  # CLIP image embeddings per concept
+    name: str = "sd"
 
-    def sample(self, label: str) -> dict:
+    @property
+    def model(self):
+        return self.pipe.unet
+
+    @property
+    def merge_options(self) -> dict:
+        return {"seed": self.config.seed}
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "") -> dict:
         """Sample every prompt with the UNet's current weights; grid + CLIP scores + seconds."""
         start, prompts, k = time.perf_counter(), self.config.sample_prompts(), self.config.samples_per_prompt
         images = generate(self.pipe, prompts, self.config, k, self.config.seed)
@@ -351,23 +363,16 @@ class _Run:
         return {"grid": str(Path(grid).relative_to(self.out)), "sample_seconds": time.perf_counter() - start,
                 "scores": score_images(self.scorer, images, prompts, k, self.references, self.config.concepts)}
 
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        return self.batches
 
-def _merge_row(run: _Run, adapters, calibration_batches, method: str) -> dict:
-    config, unet = run.config, run.pipe.unet
-    solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
-        if method == "iteris" else {}
-    with measure.PeakMemory(unet.device) as memory:
-        result = merge_loras(unet, adapters, calibration_batches if method in DATA_METHODS else None,
-                             method=method, seed=config.seed, progress=False, **solve)
-    export = write_diffusers_lora(result, run.out / "merged" / method, rank=config.export_rank)
-    with measure.weights_added(unet, result.deltas):
-        row = {"label": method, "method": method, **run.sample(method)}
-    row.update(merge_seconds=result.seconds, peak_memory_mb=memory.peak_mb,
-               objective=[r.mean_objective() for r in result.history],
-               lora_file=str(Path(export.path).relative_to(run.out)), export_rank=max(export.ranks.values()),
-               export_max_relative_error=export.max_relative_error,
-               settings={k: v for k, v in result.settings.items() if k != "adapters"})
-    return row
+    def score(self, label: str, method: str, metrics: dict, refs: harness.References) -> dict:
+        return {"label": label, "method": method, **metrics}
+
+    def after_merge(self, label: str, result) -> dict:
+        export = write_diffusers_lora(result, self.out / "merged" / label, rank=self.config.export_rank)
+        return {"lora_file": str(Path(export.path).relative_to(self.out)), "export_rank": max(export.ranks.values()),
+                "export_max_relative_error": export.max_relative_error}
 
 
 def run_sd_hub(config: SDHubConfig, out_dir, images: ImageSource = hub_images, pipe=None) -> dict:
@@ -387,17 +392,17 @@ def run_sd_hub(config: SDHubConfig, out_dir, images: ImageSource = hub_images, p
             prior = encode_images(pipe, to_pixels(drawn, config.resolution))
         recipes[c.name] = train_concept_lora(pipe, c, instance[c.name], prior, out / "adapters" / c.name, config)
     trained = time.perf_counter()
-    adapters = [read_diffusers_lora(out / "adapters" / c.name, pipe.unet) for c in config.concepts]
     scorer = ClipScorer(config.clip_model, pipe.device) if config.clip_model else None
-    run = _Run(pipe, config, out, scorer)
+    track = SdTrack(pipe, config, out, scorer,
+                    {c.name: read_diffusers_lora(out / "adapters" / c.name, pipe.unet) for c in config.concepts},
+                    [calibration(pipe, c, instance[c.name], config) for c in config.concepts])
     if scorer is not None:
-        run.references = {c.name: scorer.images(images(c)) for c in config.concepts}
-    references = [{"label": "base", "method": "base", **run.sample("base")}]
-    for c, adapter in zip(config.concepts, adapters):
-        with measure.weights_added(pipe.unet, adapter.layers):
-            references.append({"label": f"lora:{c.name}", "method": "lora", **run.sample(f"lora:{c.name}")})
-    batches = [calibration(pipe, c, instance[c.name], config) for c in config.concepts]
-    rows = [_merge_row(run, adapters, batches, method) for method in config.methods]
+        track.references = {c.name: scorer.images(images(c)) for c in config.concepts}
+    profile = Profile("hub", calibration_samples=config.calibration_images, many_samples=config.calibration_images,
+                      max_iter=config.max_iter, test_limit=None, batch_size=config.calibration_batch_size)
+    iteris = {"alpha": config.alpha, "adaptive_weights": config.adaptive_weights}
+    rows = harness.run_methods(track, profile, config.methods, iteris=iteris, progress=False)
+    references, rows = rows[:1 + len(config.concepts)], rows[1 + len(config.concepts):]
     report = {"model": config.model, "config": asdict(config), "environment": harness.environment(),
               "prompts": config.sample_prompts(), "adapters": recipes, "references": references, "results": rows,
               "timings": {"load_s": loaded - start, "train_s": trained - loaded,

@@ -25,36 +25,34 @@ from typing import Sequence
 
 import torch
 
-from ... import measure
 from ...adapters import load_adapter
-from ...merge import merge_loras
 from ...profiles import Profile, current_profile
 from .. import harness
 from ..llm.tasks import Task, encode_prompts
 from ..llm.training import fit, lm_training_batch, train_batches
+from ..training import Training
 from .glue import GLUE_DATASET, Loader, glue_loader, glue_task, seeded_order
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "regmean", "iteris")
-DATA_METHODS = ("iteris", "regmean")  # the methods that read calibration batches
+
+
 @dataclass(frozen=True)
-class HubConfig:
-    """One hub run. Defaults are the paper's Flan-T5 GLUE setting (see the module docstring)."""
+class HubRun:
+    """What every hub run sets (LoRA, its training, the merge, the run). Defaults: the paper's Flan-T5 GLUE
+    setting; a recipe whose paper setting differs names it in a constant (e.g. hub/vlm.py BLIP_PAPER)."""
 
     model: str = "google/flan-t5-base"  # hub id or local folder
-    tasks: tuple[str, ...] = ("mnli", "cola", "sst2", "rte")
-    dataset: str = GLUE_DATASET
-    # LoRA; target_modules None: ("q", "v") for an encoder–decoder (T5), ("q_proj", "v_proj") for a decoder-only LM
+    # LoRA; target_modules None: the recipe's own choice
     rank: int = 8
     lora_alpha: float = 32
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | str | None = None
     # training (AdamW, linear warmup then linear decay to 10 %)
     train_steps: int = 1000
     lr: float = 5e-4
     train_batch_size: int = 16
     warmup_steps: int = 50
-    # data: rows of GLUE train used for training / for val, rows of GLUE validation used for test (None: all)
+    # data: training rows per task, test rows per task (None: all)
     max_train: int = 20000
-    n_val: int = 200
     n_test: int | None = None
     # merging
     calibration_samples: int = 50
@@ -68,6 +66,32 @@ class HubConfig:
     dtype: str = "float32"
     device: str | None = None  # None: CUDA when available
     seed: int = 42
+
+    def training(self) -> Training:
+        """The LoRA training: AdamW, linear warmup then linear decay to 10 %."""
+        return Training(steps=self.train_steps, lr=self.lr, batch_size=self.train_batch_size,
+                        warmup_steps=max(1, self.warmup_steps), seed=self.seed)
+
+    def iteris(self) -> dict:
+        """The IterIS settings, as harness.run_methods takes them."""
+        return {"alpha": self.alpha, "adaptive_weights": self.adaptive_weights}
+
+    def profile(self) -> Profile:
+        """The harness's run sizes: calibration samples per task, IterIS solves, calibration batch size (the test
+        sets are sized by the run itself)."""
+        return Profile("hub", calibration_samples=self.calibration_samples, many_samples=self.calibration_samples,
+                       max_iter=self.max_iter, test_limit=None, batch_size=self.calibration_batch_size)
+
+
+@dataclass(frozen=True)
+class HubConfig(HubRun):
+    """One GLUE hub run. Defaults are the paper's Flan-T5 GLUE setting (see the module docstring); target_modules
+    None: ("q", "v") for an encoder–decoder (T5), ("q_proj", "v_proj") for a decoder-only LM; n_val rows of GLUE
+    train are the val split."""
+
+    tasks: tuple[str, ...] = ("mnli", "cola", "sst2", "rte")
+    dataset: str = GLUE_DATASET
+    n_val: int = 200
 
     def targets(self, encoder_decoder: bool) -> tuple[str, ...]:
         if self.target_modules is not None:
@@ -185,8 +209,7 @@ def train_lora(model, tokenizer, task: Task, out_dir, config: HubConfig) -> dict
                for exs in train_batches(task, config.train_batch_size, config.seed))
     start = time.perf_counter()
     try:
-        losses = fit(peft_model, batches, config.train_steps, config.lr, max(1, config.warmup_steps),
-                     desc=f"train {task.name}")
+        losses = fit(peft_model, batches, config.training(), desc=f"train {task.name}")
         peft_model.peft_config["default"].base_model_name_or_path = config.model
         peft_model.save_pretrained(str(out_dir))
     finally:
@@ -255,20 +278,39 @@ def glue_tasks(config: HubConfig, loader: Loader | None = None, causal: bool = F
                             n_test=config.n_test, seed=config.seed) for name in config.tasks}
 
 
-def _merge_row(model, adapters, calibration, method: str, config: HubConfig, score, own, progress) -> dict:
-    """Merge with `method`, evaluate the merged weights in place (W0 restored after), time and memory."""
-    data = method in DATA_METHODS
-    solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
-        if method == "iteris" else {}
-    with measure.PeakMemory(_device(model)) as memory:
-        result = merge_loras(model, adapters, calibration if data else None, method=method, seed=config.seed,
-                             progress=progress, **solve)
-    with measure.weights_added(model, result.deltas):
-        row = harness.score_row(method, method, score(), own)
-    row.update(calibration_samples=config.calibration_samples if data else 0, merge_seconds=result.seconds,
-               peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
-               settings={k: v for k, v in result.settings.items() if k != "adapters"})
-    return row
+@dataclass
+class GlueTrack(harness.Track):
+    """The hub model and its GLUE task LoRAs on the harness: accuracy per task on the test split."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    tasks: dict[str, Task]
+    adapters: dict
+    config: HubConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.model
+
+    @property
+    def merge_options(self) -> dict:
+        return {"seed": self.config.seed}
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "") -> dict[str, float]:
+        return {name: evaluate_hub_task(self.model, self.tokenizer, task, split, self.config.eval_batch_size,
+                                        self.config.max_length)
+                for name, task in self.tasks.items() if not tasks or name in tasks}
+
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        seq2seq, c = is_encoder_decoder(self.model), self.config
+        return [calibration_batches(task, self.tokenizer, seq2seq, samples, batch_size, c.max_length, c.seed)
+                for task in self.tasks.values()]
+
+    def score(self, label: str, method: str, metrics: dict, refs: harness.References) -> dict:
+        return harness.score_row(label, method, metrics, refs.own())
+
+    def validation(self, row: dict) -> tuple[tuple, dict]:
+        return (row["mean_normalized"],), {"val_mean_normalized": row["mean_normalized"]}
 
 
 def run_hub(config: HubConfig, out_dir, methods: Sequence[str] = DEFAULT_METHODS, loader: Loader | None = None,
@@ -286,22 +328,9 @@ def run_hub(config: HubConfig, out_dir, methods: Sequence[str] = DEFAULT_METHODS
                for name, task in tasks.items()}
     trained = time.perf_counter()
     train_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    adapters = [load_adapter(out_dir / "adapters" / name) for name in tasks]
-
-    def score() -> dict[str, float]:
-        return {name: evaluate_hub_task(model, tokenizer, task, "test", config.eval_batch_size, config.max_length)
-                for name, task in tasks.items()}
-
-    references = [("base", score())]
-    for name, adapter in zip(tasks, adapters):
-        with measure.weights_added(model, adapter.layers):
-            references.append((f"lora:{name}", score()))
-    own = {name: references[1 + i][1][name] for i, name in enumerate(tasks)}
-    rows = [harness.score_row(label, label.split(":")[0], accuracy, own) for label, accuracy in references]
-    calibration = [calibration_batches(task, tokenizer, seq2seq, config.calibration_samples,
-                                       config.calibration_batch_size, config.max_length, config.seed)
-                   for task in tasks.values()]
-    rows += [_merge_row(model, adapters, calibration, m, config, score, own, progress) for m in methods]
+    track = GlueTrack(model, tokenizer, tasks, {name: load_adapter(out_dir / "adapters" / name) for name in tasks},
+                      config)
+    rows = harness.run_methods(track, config.profile(), methods, iteris=config.iteris(), progress=progress)
     report = {"model": config.model, "encoder_decoder": seq2seq, "config": asdict(config),
               "environment": harness.environment(), "adapters": recipes, "results": rows,
               "tasks": {n: {"labels": list(t.labels), **t.sizes()} for n, t in tasks.items()},

@@ -23,19 +23,18 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from ... import measure
 from ...adapters import load_adapter
-from ...merge import merge_loras
 from ...profiles import Profile, current_profile
 from .. import harness
 from ..llm.training import fit
 from ..vlm.captions import STYLES, bleu, lexicon_style
-from .llm import DATA_METHODS, DEFAULT_METHODS
+from .llm import DEFAULT_METHODS, HubRun
 
 CAPTION_DATASET = "jxie/flickr8k"
 STYLE_WORDS = {name: style.adjectives for name, style in STYLES.items()}  # the offline VLM track's word lists
@@ -45,42 +44,24 @@ Judge = Callable[[list[str]], list[str]]  # captions -> the style of each (e.g. 
 
 
 @dataclass(frozen=True)
-class BlipHubConfig:
-    """One BLIP hub run. Defaults are the paper's setting with the Flickr8k stand-in data (module docstring)."""
+class BlipHubConfig(HubRun):
+    """One BLIP hub run; BLIP_PAPER holds the paper's setting with the Flickr8k stand-in data (module docstring).
+    target_modules: a regex matched by peft against whole module names; max_train: train images per style
+    (disjoint across styles)."""
 
-    model: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder (model + BlipProcessor)
     styles: tuple[str, ...] = ("positive", "negative")
     dataset: str = CAPTION_DATASET
     prompt_template: str = "a {style} photo of"
-    # LoRA: a regex matched by peft against whole module names
-    rank: int = 32
-    lora_alpha: float = 32
-    target_modules: str = r".*text_decoder\..*\.attention\.self\.(query|key|value)"
-    # training (AdamW, linear warmup then linear decay to 10 %)
-    train_steps: int = 400
-    lr: float = 2e-4
-    train_batch_size: int = 16
-    warmup_steps: int = 40
-    # data: train images per style (disjoint across styles), test images (None: the whole test split)
-    max_train: int = 3000
-    n_test: int | None = None
-    # merging
-    calibration_samples: int = 50
-    calibration_batch_size: int = 10
-    max_iter: int = 10
-    alpha: float = 8e-7
-    adaptive_weights: str = "official"
-    # run
-    max_length: int = 40
     max_new_tokens: int = 30
     num_beams: int = 3
-    eval_batch_size: int = 32
-    dtype: str = "float32"
-    device: str | None = None  # None: CUDA when available
-    seed: int = 42
 
     def prompt(self, style: str) -> str:
         return self.prompt_template.format(style=style)
+
+
+BLIP_PAPER = BlipHubConfig(model="Salesforce/blip-image-captioning-base", rank=32, lora_alpha=32,
+                           target_modules=r".*text_decoder\..*\.attention\.self\.(query|key|value)", train_steps=400,
+                           lr=2e-4, warmup_steps=40, max_train=3000, alpha=8e-7, max_length=40)
 
 
 def blip_hub_config(profile: Profile | None = None, **overrides) -> BlipHubConfig:
@@ -91,7 +72,7 @@ def blip_hub_config(profile: Profile | None = None, **overrides) -> BlipHubConfi
                  n_test=profile.test_limit, eval_batch_size=profile.batch_size)
     if profile.name == "ci":
         sizes.update(train_steps=20, max_train=64, warmup_steps=2, max_new_tokens=12, num_beams=1)
-    return replace(BlipHubConfig(), **{**sizes, **overrides})
+    return replace(BLIP_PAPER, **{**sizes, **overrides})
 
 
 # ---------------------------------------------------------------- data
@@ -263,8 +244,7 @@ def train_style_lora(model, processor, style: str, pairs: Sequence[Pair], out_di
     start = time.perf_counter()
     try:
         batches = _training_batches(model, processor, pairs, config.prompt(style), config)
-        losses = fit(peft_model, batches, config.train_steps, config.lr, max(1, config.warmup_steps),
-                     desc=f"train {style}")
+        losses = fit(peft_model, batches, config.training(), desc=f"train {style}")
         peft_model.peft_config["default"].base_model_name_or_path = config.model
         peft_model.save_pretrained(str(out_dir))
     finally:
@@ -325,33 +305,51 @@ def _row(label: str, method: str, scores: dict, own: dict) -> dict:
     return row
 
 
-def _merge_row(model, adapters, calibration, method: str, config: BlipHubConfig, score, own, progress) -> dict:
-    data = method in DATA_METHODS
-    solve = dict(max_iter=config.max_iter, alpha=config.alpha, adaptive_weights=config.adaptive_weights) \
-        if method == "iteris" else {}
-    with measure.PeakMemory(model.device) as memory:
-        result = merge_loras(model, adapters, calibration if data else None, method=method, seed=config.seed,
-                             progress=progress, **solve)
-    with measure.weights_added(model, result.deltas):
-        row = _row(method, method, score(), own)
-    row.update(calibration_samples=config.calibration_samples if data else 0, merge_seconds=result.seconds,
-               peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
-               settings={k: v for k, v in result.settings.items() if k != "adapters"})
-    return row
+@dataclass
+class BlipTrack(harness.Track):
+    """BLIP and its style LoRAs on the harness: style accuracy and BLEU-4 per style on the test pairs."""
+
+    model: torch.nn.Module
+    processor: object
+    data: dict  # style -> (train pairs, test pairs)
+    adapters: dict
+    config: BlipHubConfig
+    judge: Judge | None = None
+    name: str = "blip"
+
+    @property
+    def merge_options(self) -> dict:
+        return {"seed": self.config.seed}
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "") -> dict:
+        return {s: evaluate_style(self.model, self.processor, s, test, self.config, self.judge)
+                for s, (_, test) in self.data.items() if not tasks or s in tasks}
+
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        c = self.config
+        return [calibration_batches(self.model, self.processor, self.data[s][0], c.prompt(s), samples, batch_size,
+                                    c.max_length, c.seed) for s in c.styles]
+
+    def score(self, label: str, method: str, metrics: dict, refs: harness.References) -> dict:
+        own = {key: {s: m[field] for s, m in refs.own().items()}
+               for key, field in (("style", "style_accuracy"), ("bleu4", "bleu4"))}
+        return _row(label, method, metrics, own)
+
+    def validation(self, row: dict) -> tuple[tuple, dict]:
+        return (row["mean_normalized"],), {"val_mean_normalized": row["mean_normalized"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Style accuracy and BLEU-4 per style, the means, normalized style accuracy, samples, time, memory."""
+def _style_columns(rows: list[dict]) -> list:
+    """Style accuracy and BLEU-4 per style, the means, normalized style accuracy, samples, time."""
     styles = list(rows[0]["accuracy"])
-    head = ["method", *(f"{s} {m}" for s in styles for m in ("style", "BLEU-4")), "mean style", "mean BLEU-4",
-            "mean norm.", "samples/style", "merge s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"], *(f"{v:.3f}" for s in styles for v in (r["accuracy"][s], r["bleu4"][s])),
-                 f"{r['mean_accuracy']:.3f}", f"{r['mean_bleu4']:.3f}", f"{r['mean_normalized']:.3f}",
-                 str(r.get("calibration_samples", "-")), f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return [("method", lambda r: r["label"]),
+            *((f"{s} {m}", lambda r, s=s, k=k: f"{r[k][s]:.3f}") for s in styles
+              for m, k in (("style", "accuracy"), ("BLEU-4", "bleu4"))),
+            ("mean style", lambda r: f"{r['mean_accuracy']:.3f}"), ("mean BLEU-4", lambda r: f"{r['mean_bleu4']:.3f}"),
+            ("mean norm.", lambda r: f"{r['mean_normalized']:.3f}"), *harness.run_columns("style", memory=False)]
+
+
+markdown_table = partial(harness.markdown_table, columns=_style_columns)
 
 
 def style_data(config: BlipHubConfig, loader: CaptionLoader | None = None) -> dict[str, tuple[Sequence, Sequence]]:
@@ -379,22 +377,9 @@ def run_blip_hub(config: BlipHubConfig, out_dir, methods: Sequence[str] = DEFAUL
     recipes = {s: train_style_lora(model, processor, s, train, out_dir / "adapters" / s, config)
                for s, (train, _) in data.items()}
     trained = time.perf_counter()
-    adapters = [load_adapter(out_dir / "adapters" / s) for s in config.styles]
-
-    def score() -> dict[str, dict]:
-        return {s: evaluate_style(model, processor, s, test, config, judge) for s, (_, test) in data.items()}
-
-    references = [("base", score())]
-    for style, adapter in zip(config.styles, adapters):
-        with measure.weights_added(model, adapter.layers):
-            references.append((f"lora:{style}", score()))
-    own = {key: {s: references[1 + i][1][s][field] for i, s in enumerate(config.styles)}
-           for key, field in (("style", "style_accuracy"), ("bleu4", "bleu4"))}
-    rows = [_row(label, label.split(":")[0], scores, own) for label, scores in references]
-    calibration = [calibration_batches(model, processor, data[s][0], config.prompt(s), config.calibration_samples,
-                                       config.calibration_batch_size, config.max_length, config.seed)
-                   for s in config.styles]
-    rows += [_merge_row(model, adapters, calibration, m, config, score, own, progress) for m in methods]
+    track = BlipTrack(model, processor, data, {s: load_adapter(out_dir / "adapters" / s) for s in config.styles},
+                      config, judge)
+    rows = harness.run_methods(track, config.profile(), methods, iteris=config.iteris(), progress=progress)
     report = {"model": config.model, "config": asdict(config), "environment": harness.environment(),
               "style_metric": "judge" if judge else "word lists", "style_words": STYLE_WORDS,
               "adapters": recipes, "results": rows,

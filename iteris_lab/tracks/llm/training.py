@@ -8,7 +8,7 @@ head.safetensors. SmolLM2 track: LoRA on the attention projections; the loss is 
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from ..training import LoraTraining, Training, train
 from . import evaluate, models
 from .tasks import Task, encode_prompts
 
@@ -26,19 +27,11 @@ HEAD_PREFIXES = ("bert.pooler.", "classifier.")
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How one LoRA is trained. lora_alpha / rank is the LoRA scale s; lr follows linear warmup then linear decay."""
+class Recipe(LoraTraining):
+    """How one task LoRA is trained (LoraTraining: rank, alpha = lora_alpha, steps, lr on a linear warmup then
+    linear decay, ...), with prompts cut to max_length tokens."""
 
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("query", "value")
-    steps: int = 300
-    lr: float = 1e-3
-    batch_size: int = 32
     max_length: int = 64
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    seed: int = 0
 
 
 DEFAULT_RECIPES = {
@@ -122,45 +115,17 @@ def _attach_lora(model, recipe: Recipe, task_type):
     return get_peft_model(model, config)
 
 
-def optimizer_step(optimizer, schedule, params, loss: torch.Tensor, max_norm: float = 1.0) -> float:
-    """One update of every training loop here: backward, clip the gradient norm to max_norm, step the optimizer
-    and the learning-rate schedule; returns the loss as a float."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    schedule.step()
-    return loss.item()
-
-
-def fit(model, batches: Iterator[dict], steps: int, lr: float, warmup_steps: int, weight_decay: float = 0.0,
-        desc: str = "train", progress: bool = False, heartbeat: bool = False) -> list[float]:
-    """AdamW over the trainable parameters for `steps` steps of model(**batch).loss, with linear warmup then
-    linear decay to 10 % of lr and gradient clipping at 1; returns the loss of every step.
-
-    heartbeat: print the mean loss every 25 steps when no progress bar shows (for logs)."""
+def fit(model, batches: Iterator[dict], settings: Training, desc: str = "train", progress: bool = False,
+        heartbeat: bool = False) -> list[float]:
+    """The training loop (tracks/training.py) on model(**batch).loss over the trainable parameters, in train
+    mode (eval mode after); returns the loss of every step. heartbeat: print the mean loss every 25 steps when no
+    progress bar shows (for logs)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def lr_factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 1.0 - 0.9 * (step - warmup_steps) / max(1, steps - warmup_steps)
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     device = next(model.parameters()).device
-    losses, start = [], time.perf_counter()
     model.train()
-    bar = evaluate._progress(range(steps), steps, desc, progress)
-    for _ in bar:
-        loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"non-finite loss in {desc}; lower the learning rate (or load in float32)")
-        losses.append(optimizer_step(optimizer, schedule, params, loss))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if heartbeat and bar.disable and len(losses) % 25 == 0:
-            print(f"{desc}: step {len(losses)}/{steps} loss {sum(losses[-25:]) / 25:.4f} "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+    quiet = not progress or bool(os.environ.get("TQDM_DISABLE"))
+    losses = train(params, lambda _: model(**{k: v.to(device) for k, v in next(batches).items()}).loss, settings,
+                   desc, progress, log_every=25 if heartbeat and quiet else 0)
     model.eval()
     return losses
 
@@ -169,8 +134,7 @@ def _train_loop(model, make_batch, task: Task, recipe: Recipe, progress: bool) -
     """Train on `task` with `recipe`; returns (losses, seconds)."""
     start = time.perf_counter()
     batches = (make_batch(examples) for examples in train_batches(task, recipe.batch_size, recipe.seed))
-    losses = fit(model, batches, recipe.steps, recipe.lr, recipe.warmup_steps, recipe.weight_decay,
-                 desc=f"train {task.name}", progress=progress, heartbeat=True)
+    losses = fit(model, batches, recipe, desc=f"train {task.name}", progress=progress, heartbeat=True)
     return losses, time.perf_counter() - start
 
 

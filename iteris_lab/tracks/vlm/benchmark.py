@@ -12,17 +12,21 @@ inputs and ask for different outputs, rows that only blur the two styles. mask="
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from ...adapters import load_adapter
-from ...measure import PeakMemory, weights_added
+from ...measure import weights_added
 from ...merge import merge_loras
 from ...paths import missing_data
-from ...profiles import Profile
-from ..harness import method_specs
+from ...profiles import Profile, current_profile
+from .. import harness
+from ..harness import References, Track, normalized, run_columns
 from . import captions, vlm
 
 STYLE_NAMES = ("positive", "negative")
@@ -32,18 +36,42 @@ MASKS = ("text", "all")
 
 
 @dataclass
-class VlmTrack:
+class VlmTrack(Track):
+    """The VLM on the harness: tasks are the caption styles; `mask` is the calibration mask (MASKS)."""
+
     model: torch.nn.Module
     tokenizer: object
     adapters: dict[str, str]
     splits: dict
     judge: captions.SentimentJudge
+    mask: str = "text"
+    name: str = "vlm"
+    forward = staticmethod(vlm.calibration_forward)
+
+    @property
+    def calibration_info(self) -> dict:
+        return {"mask": self.mask}
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "") -> dict:
+        """evaluate_styles; the first KEEP captions are kept on the test split."""
+        return evaluate_styles(self, split, limit, styles=tasks or STYLE_NAMES, keep=KEEP if split == "test" else 0)
+
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        return [calibration_batches(self, s, samples, batch_size, self.mask) for s in STYLE_NAMES]
+
+    def score(self, label: str, method: str, metrics: dict, refs: References) -> dict:
+        return score_row(label, method, metrics, refs.own())
+
+    def validation(self, row: dict) -> tuple[tuple, dict]:
+        """Best mean normalized style x content; accuracies saturate on this task: ties go to the lower
+        reference-caption NLL."""
+        score = row["mean_normalized"]["style"] * row["mean_normalized"]["content"]
+        nll = sum(row["metrics"][s]["nll"] for s in STYLE_NAMES) / len(STYLE_NAMES)
+        return (round(score, 6), -nll), {"val_metrics": row["metrics"], "val_score": score, "val_nll": nll}
 
 
 def load_vlm_track(base_dir=vlm.BASE_DIR, adapter_dir=vlm.ADAPTER_DIR) -> VlmTrack:
     """The shipped base VLM, the style LoRAs under adapter_dir/<style>, the digit splits and the judge."""
-    from pathlib import Path
-
     adapters = {s: str(Path(adapter_dir) / s) for s in STYLE_NAMES}
     missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
     if missing:
@@ -108,8 +136,8 @@ def calibration_batches(track: VlmTrack, style: str, n: int, batch_size: int, ma
                         seed: int = 0) -> list[dict]:
     """n teacher-forced samples of `style` (training images, captions drawn from the LoRA's training distribution).
 
-    mask="text": attention_mask (which selects Gram rows) zeros the image positions and model_attention_mask
-    holds the real mask the model attends with (see vlm.calibration_forward); mask="all": image rows count too.
+    mask="text": text_mask (which selects Gram rows, vlm.TEXT_ROWS) zeros the image positions; attention_mask is the
+    real mask the model attends with; mask="all": no text_mask, image rows count too.
     """
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -123,7 +151,7 @@ def calibration_batches(track: VlmTrack, style: str, n: int, batch_size: int, ma
                                  texts[start:start + batch_size])
         batch = {"input_ids": full["input_ids"], "pixel_values": full["pixel_values"]}
         if mask == "text":
-            batch.update(attention_mask=full["text_mask"], model_attention_mask=full["attention_mask"])
+            batch.update(attention_mask=full["attention_mask"], text_mask=full["text_mask"])
         else:
             batch["attention_mask"] = full["attention_mask"]
         batches.append(batch)
@@ -141,93 +169,29 @@ def score_row(label: str, method: str, metrics: dict, own: dict | None) -> dict:
     and style, and its mean over styles."""
     row = {"label": label, "method": method, "metrics": metrics}
     if own is not None:
-        row["normalized"] = {m: {s: metrics[s][m] / own[s][m] if own[s][m] > 0 else float("nan") for s in metrics}
+        row["normalized"] = {m: normalized({s: metrics[s][m] for s in metrics}, {s: own[s][m] for s in metrics})
                              for m in METRICS}
         row["mean_normalized"] = {m: sum(v.values()) / len(v) for m, v in row["normalized"].items()}
     return row
 
 
-def references(track: VlmTrack, profile: Profile, split: str = "test") -> tuple[list[dict], dict]:
-    """Rows of the base model and of each style LoRA alone, and {style: own LoRA metrics}."""
-    rows = [score_row("base", "base", evaluate_styles(track, split, profile.test_limit, keep=KEEP), None)]
-    own = {}
-    for style in STYLE_NAMES:
-        with weights_added(track.model, load_adapter(track.adapters[style]).layers):
-            metrics = evaluate_styles(track, split, profile.test_limit, keep=KEEP)
-        own[style] = metrics[style]
-        rows.append(score_row(f"lora:{style}", "lora", metrics, None))
-    for row in rows:
-        row.update(score_row(row["label"], row["method"], row["metrics"], own))
-    return rows, own
-
-
 def run_methods(track: VlmTrack, profile: Profile, labels, own: dict, iteris: dict | None = None,
-                mask: str = "text", split: str = "test", log=print) -> list[dict]:
-    """One row per merge method of harness.method_specs, evaluated on `split`."""
-    specs, calibration, rows = method_specs(profile, iteris), {}, []
-    for label in labels:
-        spec = dict(specs[label])
-        samples = spec.pop("samples", 0)
-        if samples and samples not in calibration:
-            calibration[samples] = [calibration_batches(track, s, samples, profile.batch_size, mask)
-                                    for s in STYLE_NAMES]
-        with PeakMemory(torch.device("cpu")) as memory:
-            result = merge(track, calibration.get(samples), **spec)
-        start = time.perf_counter()
-        with weights_added(track.model, result.deltas):
-            row = score_row(label, spec["method"], evaluate_styles(track, split, profile.test_limit, keep=KEEP), own)
-        row.update(calibration_samples=samples, merge_seconds=result.seconds, eval_seconds=time.perf_counter() - start,
-                   peak_memory_mb=memory.peak_mb, mask=mask if samples else None,
-                   settings={k: v for k, v in result.settings.items() if k != "adapters"})
-        log(f"{label}: merge {result.seconds:.0f}s " + _summary(row))
-        rows.append(row)
-    return rows
+                mask: str = "text", log=print) -> list[dict]:
+    """One row per merge method of harness.method_specs on the test split, calibrated with `mask`."""
+    return harness.run_methods(replace(track, mask=mask), profile, labels, iteris, progress=False, own=own, log=log)
 
 
-def _summary(row: dict) -> str:
-    m = row["metrics"]
-    return " ".join(f"{s}: content {m[s]['content']:.2f} style {m[s]['style']:.2f} bleu {m[s]['bleu']:.2f}"
-                    for s in STYLE_NAMES)
+def caption_columns(rows: list[dict]) -> list:
+    """Per style: content / style (judge) / lexicon / BLEU / reference-caption NLL; then the mean normalized
+    content, style and BLEU."""
+    cells = [("method", lambda r: r["label"])]
+    cells += [(f"{s[:3]} {m}", lambda r, s=s, m=m: f"{r['metrics'][s].get(m, float('nan')):.3f}")
+              for s in STYLE_NAMES for m in METRICS + ("nll",)]
+    cells += [(f"norm. {m}", lambda r, m=m: f"{r['mean_normalized'][m]:.3f}") for m in ("content", "style", "bleu")]
+    return cells + run_columns(zero="-", memory=False)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Per style: content / style (judge) / lexicon / BLEU / reference-caption NLL; then the mean normalized content,
-    style and BLEU."""
-    head = ["method"] + [f"{s[:3]} {m}" for s in STYLE_NAMES for m in METRICS + ("nll",)] + \
-           ["norm. content", "norm. style", "norm. bleu", "samples/task", "merge s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"]] + [f"{r['metrics'][s].get(m, float('nan')):.3f}" for s in STYLE_NAMES
-                                for m in METRICS + ("nll",)]
-        cells += [f"{r['mean_normalized'][m]:.3f}" for m in ("content", "style", "bleu")]
-        cells += [str(r.get("calibration_samples") or "-"),
-                  f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def choose_iteris(track: VlmTrack, profile: Profile, grid: list[dict], mask: str = "text", log=print):
-    """The IterIS settings (from `grid`, a list of merge kwargs) of best mean normalized style x content on the
-    *validation* split, ties broken by the lower caption NLL; returns (chosen kwargs, tried rows). The test split
-    is never read."""
-    own = {}
-    for style in STYLE_NAMES:
-        with weights_added(track.model, load_adapter(track.adapters[style]).layers):
-            own[style] = evaluate_styles(track, "val", profile.test_limit, styles=(style,))[style]
-    calibration = [calibration_batches(track, s, profile.calibration_samples, profile.batch_size, mask)
-                   for s in STYLE_NAMES]
-    tried = []
-    for settings in grid:
-        result = merge(track, calibration, method="iteris", max_iter=profile.max_iter, **settings)
-        with weights_added(track.model, result.deltas):
-            row = score_row("iteris", "iteris", evaluate_styles(track, "val", profile.test_limit), own)
-        score = row["mean_normalized"]["style"] * row["mean_normalized"]["content"]
-        nll = sum(row["metrics"][s]["nll"] for s in STYLE_NAMES) / len(STYLE_NAMES)
-        tried.append({**settings, "val_metrics": row["metrics"], "val_score": score, "val_nll": nll})
-        log(f"validation {settings}: score {score:.3f} nll {nll:.4f} " + _summary(row))
-    # accuracies saturate on this task: ties go to the lower reference-caption NLL
-    best = max(tried, key=lambda r: (round(r["val_score"], 6), -r["val_nll"]))
-    return {k: best[k] for k in grid[0]}, tried
+markdown_table = partial(harness.markdown_table, columns=caption_columns)
 
 
 def own_metrics(track: VlmTrack, split: str = "test", limit: int | None = None, keep: int = 0) -> dict[str, dict]:
@@ -265,3 +229,70 @@ def _wrap(text: str, width: int = 28) -> list[str]:
     import textwrap
 
     return textwrap.wrap(text, width) or [""]
+
+
+# ---------------------------------------------------------------- the benchmark
+
+GRID = {"alpha": (1e-4,), "adaptive_weights": ("official", "paper")}
+
+
+def run_bench(out_dir=".", mask: str = "text", test_images: int | None = None, val_images: int = 100,
+              mask_ablation: bool = False, base_dir=vlm.BASE_DIR, adapter_dir=vlm.ADAPTER_DIR, log=print) -> dict:
+    """The VLM benchmark: IterIS's λ variant chosen on validation images, then every method on the test images
+    (default: the profile's test_limit, else 200); mask_ablation adds IterIS calibrated with the other mask.
+    Writes OUT/vlm.json (every number, settings, timings, sample captions) and OUT/vlm.md (the table)."""
+    profile, start, timings = current_profile(), time.perf_counter(), {}
+    profile = replace(profile, test_limit=test_images or profile.test_limit or 200)
+    val_profile = replace(profile, test_limit=min(val_images, profile.test_limit))
+    track = replace(load_vlm_track(base_dir, adapter_dir), mask=mask)
+    timings["load_s"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    chosen, tried = harness.choose_iteris(track, val_profile, GRID, progress=False, log=log)
+    timings["validation_s"] = time.perf_counter() - t
+    log(f"chosen on validation: {chosen}")
+
+    t = time.perf_counter()
+    refs = harness.references(track, profile.test_limit)
+    rows = harness.reference_rows(track, refs)
+    pixels, labels = split_images(track, "test", profile.test_limit)
+    plain = vlm.generate_captions(track.model, track.tokenizer, pixels, captions.PLAIN_PROMPT)
+    base_plain = caption_metrics(plain, labels, None)
+    timings["references_s"] = time.perf_counter() - t
+    log(f"base (plain prompt): {base_plain}")
+
+    t = time.perf_counter()
+    rows += harness.run_methods(track, profile, harness.DEMO_METHODS, chosen, progress=False, refs=refs, log=log)
+    if mask_ablation:
+        other = next(m for m in MASKS if m != mask)
+        extra = harness.run_methods(replace(track, mask=other), profile, ["iteris"], chosen, progress=False,
+                                    refs=refs, log=log)
+        extra[0]["label"] = f"iteris (mask={other})"
+        rows += extra
+    timings["methods_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    out = {"track": "vlm", "profile": profile.name, "seconds": timings["total_s"], "timings": timings,
+           "environment": harness.environment(),
+           "settings": {"test_images": len(labels), "val_images": val_profile.test_limit,
+                        "calibration_samples": profile.calibration_samples, "many_samples": profile.many_samples,
+                        "max_iter": profile.max_iter, "calibration_mask": mask, "iteris_grid": GRID,
+                        "judge": "MiniLM airline_sentiment LoRA + head, positive vs negative logit",
+                        "bleu": "corpus BLEU-4, add-one smoothing for n >= 2, against 10 reference captions per "
+                                "image and style",
+                        "prompts": {s: captions.prompt_for(s) for s in STYLE_NAMES},
+                        "decoding": "greedy, 16 new tokens"},
+           "base_plain_prompt": base_plain, "own_lora": refs.own(), "iteris_chosen": chosen,
+           "iteris_validation": tried, "results": rows}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vlm.json").write_text(json.dumps(out, indent=2) + "\n")
+    table = markdown_table(rows)
+    note = (f"Profile {profile.name}: {len(labels)} test images, {profile.calibration_samples} calibration samples "
+            f"per style (regmean_many: {profile.many_samples}), IterIS max_iter {profile.max_iter}, chosen on "
+            f"validation: {chosen}, calibration mask {mask!r}. Base with the plain prompt: content "
+            f"{base_plain['content']:.3f}. Run time {timings['total_s']:.0f} s, {torch.get_num_threads()} torch "
+            "thread(s).")
+    (out_dir / "vlm.md").write_text(f"# VLM style-merge benchmark\n\n{note}\n\n{table}\n")
+    print(table)
+    return out

@@ -178,11 +178,11 @@ class SentimentJudge:
     def __init__(self, adapter_dir: str | Path | None = None, polar: bool = True, batch_size: int = 64):
         from ...adapters import load_adapter
         from ...measure import weights_added
-        from ..harness import ADAPTERS
+        from ..llm.track import shipped_adapters
         from ..llm.evaluate import apply_head, head_labels, load_head
         from ..llm.models import load_minilm
 
-        adapter_dir = Path(adapter_dir or ADAPTERS / "minilm" / "airline_sentiment")
+        adapter_dir = Path(adapter_dir or shipped_adapters() / "minilm" / "airline_sentiment")
         self.labels = head_labels(adapter_dir)
         self.model, self.tokenizer = load_minilm(num_labels=len(self.labels))
         apply_head(self.model, load_head(adapter_dir))

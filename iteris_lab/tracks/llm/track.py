@@ -1,0 +1,149 @@
+"""The LLM tracks on the harness: MiniLM (encoder + a head per task) and SmolLM2 (prompted causal LM), their
+shipped task LoRAs and accuracy per task. MiniLM tasks keep their own classification heads; only the encoder LoRAs
+are merged."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...paths import data_dir, missing_data
+from ...profiles import Profile, current_profile
+from ..harness import (ITERIS_GRID, References, Track, choose_iteris, environment, markdown_table, run_methods,
+                       score_row)
+
+
+@dataclass
+class LlmTrack(Track):
+    """One model with its tasks and shipped LoRAs (and, for MiniLM, each task's head)."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    tasks: dict
+    adapters: dict[str, str]
+    heads: dict | None
+    max_length: int
+
+    def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "", progress: bool = False) -> dict:
+        """{task: accuracy} (only `tasks` when given)."""
+        from .evaluate import evaluate_tasks
+
+        chosen = {t: self.tasks[t] for t in tasks} if tasks else self.tasks
+        return evaluate_tasks(self.model, self.tokenizer, chosen, heads=self.heads, split=split, limit=limit,
+                              max_length=self.max_length, progress=progress)
+
+    def calibration(self, samples: int, batch_size: int) -> list[list]:
+        from .tasks import calibration_batches
+
+        return [calibration_batches(task, self.tokenizer, n=samples, batch_size=batch_size,
+                                    max_length=self.max_length) for task in self.tasks.values()]
+
+    def score(self, label: str, method: str, metrics: dict, refs: References) -> dict:
+        return score_row(label, method, metrics, refs.own())
+
+    def validation(self, row: dict) -> tuple[tuple, dict]:
+        fields = {"val_accuracy": row["accuracy"], "val_mean_normalized": row["mean_normalized"]}
+        return (row["mean_normalized"],), fields
+
+
+def shipped_adapters() -> Path:
+    """Where the shipped task LoRAs are: <data>/adapters/<model>/<task>."""
+    return data_dir() / "adapters"
+
+
+def load_track(name: str, adapter_root=None, names=None) -> LlmTrack:
+    """The model `name` ("minilm" | "smollm2"), its benchmark tasks (or the tasks `names`, see tasks.load_tasks) and
+    their LoRAs under data/adapters/<name>/<task>."""
+    from .evaluate import load_head
+    from .models import load_minilm, load_smollm2
+    from .tasks import load_tasks
+
+    tasks = load_tasks(name, names)
+    root = Path(adapter_root or shipped_adapters()) / name
+    adapters = {t: str(root / t) for t in tasks}
+    missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
+    if missing:
+        raise missing_data(missing[0], "trained LoRA", f"scripts/train_loras.py --model {name}")
+    recipe = json.loads(Path(next(iter(adapters.values())), "recipe.json").read_text())
+    if name == "minilm":
+        model, tokenizer = load_minilm(num_labels=len(next(iter(tasks.values())).labels))
+        heads = {t: load_head(a) for t, a in adapters.items()}
+    else:
+        model, tokenizer = load_smollm2()
+        heads = None
+    return LlmTrack(name, model, tokenizer, tasks, adapters, heads, int(recipe.get("max_length", 128)))
+
+
+def evaluate_track(track: LlmTrack, limit: int | None, progress: bool = False, split: str = "test") -> dict:
+    """{task: accuracy} of the track's model as its weights stand now (W0, or W0 + ΔW inside `weights_added`)."""
+    return track.evaluate(split, limit, progress=progress)
+
+
+# ---------------------------------------------------------------- the demo and the benchmark
+
+# SmolLM2 merges cost ~40 forward passes per solve on CPU: its validation grid is the two published λ variants at
+# the paper's α = 1e-4.
+GRIDS = {"minilm": ITERIS_GRID, "smollm2": {"alpha": (1e-4,), "adaptive_weights": ("official", "paper")}}
+
+
+def report(track: LlmTrack, profile: Profile, rows: list[dict], seconds: float, **extra) -> dict:
+    """The benchmark JSON of an LLM track."""
+    return {"model": track.name, "profile": profile.name, "seconds": seconds, "environment": environment(),
+            "tasks": {name: {"labels": list(t.labels), "kind": t.kind, "test_size": len(t.test),
+                             "evaluated": min(len(t.test), profile.test_limit or len(t.test))}
+                      for name, t in track.tasks.items()},
+            "results": rows, **extra}
+
+
+def _on_gpu(track: LlmTrack) -> LlmTrack:
+    if torch.cuda.is_available():
+        track.model.cuda()
+    return track
+
+
+def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm") -> dict:
+    """The README's main job: every method on the embedded default track, printed and written as JSON."""
+    start = time.perf_counter()
+    profile = current_profile()
+    track = _on_gpu(load_track(model))
+    rows = run_methods(track, profile, progress=not quiet)
+    out = report(track, profile, rows, time.perf_counter() - start)
+    Path(json_path).write_text(json.dumps(out, indent=2))
+    print(f"\niteris-lab demo: {track.name}, profile {profile.name}, "
+          f"{profile.calibration_samples} calibration samples per task\n")
+    print(markdown_table(rows))
+    print(f"\nwritten to {json_path} in {out['seconds']:.0f} s")
+    return out
+
+
+def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = False, grid: dict | None = None) -> dict:
+    """The full benchmark of one LLM track: IterIS settings chosen on the validation split over `grid` (default
+    GRIDS[model]), then every method on the test split; writes OUT/<model>.json and .md (and, given a `figures`
+    folder, <model>_scores.png)."""
+    start = time.perf_counter()
+    profile = current_profile()
+    track = _on_gpu(load_track(model))
+    chosen, tried = choose_iteris(track, profile, grid or GRIDS[model], progress=not quiet)
+    rows = run_methods(track, profile, iteris=chosen, progress=not quiet)
+    out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=tried, iteris_chosen=chosen)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{model}.json").write_text(json.dumps(out, indent=2))
+    (out_dir / f"{model}.md").write_text(markdown_table(rows) + "\n")
+    if figures is not None:
+        score_plot(out, Path(figures) / f"{model}_scores.png")
+    print(markdown_table(rows))
+    return out
+
+
+def score_plot(out: dict, path: Path) -> None:
+    from ...viz.plots import plot_scores
+
+    table = [{"method": r["label"], "task": t, "normalized": v} for r in out["results"]
+             if r["method"] != "lora" and r["label"] != "base" for t, v in r["normalized"].items()]
+    figure = plot_scores(table, title=f"{out['model']}: normalized accuracy (merged / own LoRA)")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
