@@ -83,3 +83,22 @@ def test_validation_choice_never_reads_test(track, monkeypatch):
 def test_missing_adapters_say_how_to_train_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_loras.py --model minilm"):
         llm_track.load_track("minilm", adapter_root=tmp_path)
+
+
+def test_given_references_only_the_merges_run_and_rows_say_how_they_were_calibrated(track):
+    class Tagged(llm_track.LlmTrack):
+        calibration_info = {"mask": "text"}  # e.g. the VLM's calibration mask
+
+    tagged = Tagged(**{f: getattr(track, f) for f in ("name", "model", "tokenizer", "tasks", "adapters", "heads",
+                                                      "max_length")})
+    profile = PROFILES["ci"]
+    refs = harness.references(tagged, profile.test_limit)
+    assert set(refs.loras) == set(track.tasks) and set(refs.base) == set(track.tasks)
+    rows = harness.run_methods(tagged, profile, labels=("linear", "regmean"), progress=False, refs=refs)
+    assert [r["label"] for r in rows] == ["linear", "regmean"]
+    assert rows[0]["mask"] is None and rows[1]["mask"] == "text"  # data-free methods read no calibration
+    assert rows[1]["objective"] and rows[0]["eval_seconds"] > 0
+    again = harness.run_methods(tagged, profile, labels=("linear",), progress=False, own=refs.own())
+    assert again[0]["normalized"] == rows[0]["normalized"]
+    table = harness.markdown_table(rows)
+    assert "| linear |" in table and table.splitlines()[2].split("|")[-4].strip() == "0"  # samples/task of linear
