@@ -5,9 +5,10 @@ from .export import ExportReport
 from .lora_formats import load_lora, read_diffusers_lora, read_kohya_lora, write_diffusers_lora
 from .merge import METHODS, IterationRecord, merge_loras
 from .result import MergeResult
+from .settings import MergeSettings
 
 __version__ = "0.1.0"
 __all__ = [
-    "merge_loras", "MergeResult", "IterationRecord", "METHODS", "load_adapter", "LoraAdapter", "LoraLayer",
+    "merge_loras", "MergeSettings", "MergeResult", "IterationRecord", "METHODS", "load_adapter", "LoraAdapter", "LoraLayer",
     "ExportReport", "load_lora", "read_diffusers_lora", "read_kohya_lora", "write_diffusers_lora", "IterisError", "AdapterError", "CalibrationError", "SolveError", "ExportError",
 ]

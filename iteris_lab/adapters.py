@@ -171,15 +171,23 @@ def _split_state(state: dict, config: dict, path: Path) -> tuple[dict[str, LoraL
             extra[_strip(key)] = tensor
             continue
         halves.setdefault(_strip(match["module"]), {})[match["which"]] = tensor
+    return lora_layers(halves, path, lambda module, rank, alpha: scale_of(config, module, rank)), extra
+
+
+def lora_layers(halves: dict, where, scale) -> dict[str, LoraLayer]:
+    """{module: LoraLayer} from {module: {"A", "B", optional "alpha"}}; scale(module, rank, alpha) -> s."""
     layers = {}
-    for module, pair in halves.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{path}: module {module} has lora_{''.join(pair)} but not both lora_A and lora_B.")
-        A, B = pair["A"].float(), pair["B"].float()
+    for module, parts in halves.items():
+        if not {"A", "B"} <= set(parts):
+            raise AdapterError(f"{where}: module {module} has {', '.join(sorted(parts))} but not both down (A) and "
+                               "up (B) factors.")
+        A, B = parts["A"].float(), parts["B"].float()
         if A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{path}: module {module}: lora_A has rank {A.shape[0]} but lora_B has {B.shape[1]}.")
-        layers[module] = LoraLayer(A, B, scale_of(config, module, A.shape[0]))
-    return layers, extra
+            raise AdapterError(f"{where}: module {module}: the down factor A has rank {A.shape[0]} but the up factor "
+                               f"B {B.shape[1]}.")
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        layers[module] = LoraLayer(A, B, float(scale(module, A.shape[0], alpha)))
+    return layers
 
 
 def _strip(key: str) -> str:

@@ -13,32 +13,22 @@ Which ΔW is active is set by `DeltaHooks.set`, per module name:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import LoraLayer
-from .targets import Target
+from .targets import Target, TargetHooks, layer_input
 
 
-class DeltaHooks:
+class DeltaHooks(TargetHooks):
     """Forward hooks that add the active ΔW to each target's output; removed on exit."""
 
     def __init__(self, targets: dict[str, Target]):
-        self.targets = targets
+        super().__init__(targets)
         self._active: dict = {}
         self._prepared: dict = {}  # (id(delta), device, dtype) -> (delta, tensors): the delta keeps its id alive
-        self._handles = []
-
-    def __enter__(self):
-        for name, target in self.targets.items():
-            self._handles.append(target.module.register_forward_hook(self._hook(name, target), with_kwargs=True))
-        return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._prepared.clear()
-        return False
+        return super().__exit__(*exc)
 
     def set(self, deltas: dict) -> None:
         """Make `deltas` ({module name: ΔW as above}) the active ones; later calls replace it."""
@@ -49,26 +39,11 @@ class DeltaHooks:
             delta = self._active.get(name)
             if delta is None:
                 return None
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            return output + self._product(target, delta, x).to(device=output.device, dtype=output.dtype)
+            x = layer_input(args, kwargs)
+            dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
+            B, A, scale = self._tensors(delta, x.device, dtype)
+            return output + target.layer.product(x.to(dtype), B, A, scale).to(device=output.device, dtype=output.dtype)
         return hook
-
-    def _product(self, target: Target, delta, x: torch.Tensor) -> torch.Tensor:
-        """x·ΔWᵀ (Linear, Conv1D) or the convolution with ΔW (Conv2d), in at least float32."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        B, A, scale = self._tensors(delta, x.device, dtype)
-        x = x.to(dtype)
-        info = target.info
-        if info.kind == "conv2d":
-            conv = target.conv_arguments
-            if A is None:  # dense
-                return F.conv2d(x, B.reshape(info.weight_shape), **conv)
-            r = A.shape[0]
-            low = F.conv2d(x, A.reshape((r,) + info.weight_shape[1:]), **conv)
-            return scale * F.conv2d(low, B.reshape(info.out_features, r, 1, 1))
-        if A is None:
-            return x @ B.T
-        return scale * ((x @ A.T) @ B.T)
 
     def _tensors(self, delta, device, dtype):
         """(B, A, scale) on `device` in `dtype`; A is None for a dense ΔW (held in B). Cached per delta object."""

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import ExportError
-from .targets import LayerInfo
+from .targets import LinearLayer
 
 
 @dataclass
@@ -48,11 +48,11 @@ def truncate(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch
     return u[:, :rank] * root, root[:, None] * vh[:rank], error
 
 
-def lora_factors(deltas: dict[str, torch.Tensor], exact: dict, layers: dict[str, LayerInfo], rank: int | None):
+def lora_factors(deltas: dict[str, torch.Tensor], exact: dict, layers: dict[str, LinearLayer], rank: int | None):
     """{name: (B (out, r), A (r, in_flat), relative error)} for every merged module."""
     out = {}
     for name, delta in deltas.items():
-        matrix = delta.reshape(layers[name].matrix_shape()) if layers[name].kind == "conv2d" else delta
+        matrix = delta.reshape(layers[name].matrix_shape())
         if rank is None and name in exact:
             B, A = exact[name]
             out[name] = (B, A, 0.0)
@@ -61,7 +61,18 @@ def lora_factors(deltas: dict[str, torch.Tensor], exact: dict, layers: dict[str,
     return out
 
 
-def write_adapter(directory, factors: dict, layers: dict[str, LayerInfo], base_model: str | None = None,
+def lora_tensors(factors: dict, layers: dict[str, LinearLayer], key, dtype: torch.dtype = torch.float32):
+    """({key(name).lora_A.weight / .lora_B.weight: tensor in the layer's LoRA layout}, {name: rank}) of `factors`."""
+    tensors, ranks = {}, {}
+    for name, (B, A, _) in factors.items():
+        B, A = layers[name].lora_layout(B, A)
+        tensors[key(name) + ".lora_A.weight"] = A.to(dtype).contiguous().cpu()
+        tensors[key(name) + ".lora_B.weight"] = B.to(dtype).contiguous().cpu()
+        ranks[name] = A.shape[0]
+    return tensors, ranks
+
+
+def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base_model: str | None = None,
                   overwrite: bool = False, task_type: str | None = None,
                   carried: dict[str, torch.Tensor] | None = None) -> ExportReport:
     """Write adapter_config.json + adapter_model.safetensors, replacing `directory` atomically.
@@ -73,15 +84,7 @@ def write_adapter(directory, factors: dict, layers: dict[str, LayerInfo], base_m
     directory = Path(directory)
     recover(directory)
     check_destination(directory, overwrite)
-    tensors, ranks = {}, {}
-    for name, (B, A, _) in factors.items():
-        info, r = layers[name], A.shape[0]
-        if info.kind == "conv2d":
-            A = A.reshape((r,) + info.weight_shape[1:])
-            B = B.reshape(info.out_features, r, 1, 1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().contiguous().cpu()
-        ranks[name] = r
+    tensors, ranks = lora_tensors(factors, layers, lambda name: f"base_model.model.{name}")
     for key, tensor in (carried or {}).items():
         tensors[f"base_model.model.{key}"] = tensor.contiguous().cpu()
     for key, tensor in tensors.items():  # a merge is never written with NaN/Inf in it
@@ -96,7 +99,7 @@ def write_adapter(directory, factors: dict, layers: dict[str, LayerInfo], base_m
         "target_modules": sorted(ranks),
         "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != top},
         "alpha_pattern": {re.escape(n): r for n, r in ranks.items() if r != top},
-        "fan_in_fan_out": any(layers[n].kind == "conv1d" for n in ranks),
+        "fan_in_fan_out": any(layers[n].fan_in_fan_out for n in ranks),
         "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in carried}) if carried else None,
         "init_lora_weights": True, "inference_mode": True,
     }

@@ -9,8 +9,6 @@ form a *group* and share one pair of Grams.
 """
 from __future__ import annotations
 
-import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,54 +16,10 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError
-from .targets import Target
+from .rows import batch_masks, lined_up, mask_keys
+from .targets import Target, TargetHooks, layer_input
 
 Forward = Callable[[nn.Module, object], object]
-_CROSS_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value)"
-                       r"|attn2\.to_[kv])$")
-
-
-def is_cross_kv(name: str) -> bool:
-    """Cross-attention key/value layers read the encoder's (or text encoder's) tokens, not the decoder's."""
-    return _CROSS_KV.search(name) is not None
-
-
-def batch_masks(batch, encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """Which positions are real, by role: 'input' (attention_mask), 'decoder', 'cross' (encoder_attention_mask)."""
-    if not isinstance(batch, dict):
-        return {}
-    masks = {}
-    if batch.get("attention_mask") is not None:
-        masks["input"] = batch["attention_mask"].bool()
-    if batch.get("decoder_attention_mask") is not None:
-        masks["decoder"] = batch["decoder_attention_mask"].bool()
-    elif encoder_decoder and batch.get("labels") is not None:
-        masks["decoder"] = batch["labels"] != -100  # position t of the decoder predicts labels[t]
-    if batch.get("encoder_attention_mask") is not None:
-        masks["cross"] = batch["encoder_attention_mask"].bool()
-    return masks
-
-
-def mask_for(name: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The mask of real positions for the input `x` of module `name`, or None when every row is real."""
-    if is_cross_kv(name):
-        mask = masks.get("cross", masks.get("input"))
-    elif "decoder" in masks and "decoder" in name.split("."):
-        mask = masks["decoder"]
-    else:
-        mask = masks.get("input")
-    if mask is None:
-        return None
-    mask = mask.to(x.device)
-    if x.dim() > 2 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return mask
-    if x.dim() == 2 and x.shape[0] == mask.numel():
-        return mask
-    if x.dim() == 2 and x.shape[0] == mask.shape[0]:  # one row per example (e.g. a pooler): nothing padded
-        return None
-    warnings.warn(f"{name}: input of shape {tuple(x.shape)} does not line up with a mask of shape "
-                  f"{tuple(mask.shape)}; all its rows are used.", stacklevel=3)
-    return None
 
 
 def to_device(batch, device):
@@ -131,42 +85,35 @@ class Grams:
             self.rows[group] = xt.shape[0]
 
 
-class Capture:
+class Capture(TargetHooks):
     """Forward pre-hooks on the targets. Each call hands `on_rows(index, group, rows)` the masked rows
     (in `dtype`, float32 by default) of each distinct input, once per group of consecutive modules reading the
     same tensor."""
 
+    pre = True
+
     def __init__(self, targets: dict[str, Target], on_rows: Callable[[int, tuple, torch.Tensor], None],
                  dtype: torch.dtype = torch.float32):
-        self.targets, self.on_rows, self.dtype = targets, on_rows, dtype
+        super().__init__(targets)
+        self.on_rows, self.dtype = on_rows, dtype
         self.masks: dict[str, torch.Tensor] = {}
         self._pending: tuple | None = None  # (x, signature, [names], rows)
         self._index = 0
-        self._handles = []
-
-    def __enter__(self):
-        for name, target in self.targets.items():
-            hook = self._hook(name, target)
-            self._handles.append(target.module.register_forward_pre_hook(hook, with_kwargs=True))
-        return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._pending = None
-        return False
+        return super().__exit__(*exc)
 
     def _hook(self, name: str, target: Target):
         def hook(module, args, kwargs):
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            x = layer_input(args, kwargs)
             pending = self._pending
-            if pending is not None and same_tensor(pending[0], x) and pending[1] == target.row_signature:
+            if pending is not None and same_tensor(pending[0], x) and pending[1] == target.layer.row_signature:
                 pending[2].append(name)
                 return None
             self.flush()
-            rows = target.rows(x.detach(), mask_for(name, x, self.masks)).to(self.dtype)
-            self._pending = (x, target.row_signature, [name], rows)
+            rows = target.layer.rows(x.detach(), lined_up(name, x, self.masks.get(name))).to(self.dtype)
+            self._pending = (x, target.layer.row_signature, [name], rows)
             return None
         return hook
 
@@ -188,31 +135,19 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
                       and a.dtype == b.dtype)
 
 
-def check_finite(grams: Grams, task: int) -> None:
-    for group, g in grams.gram.items():
-        if not torch.isfinite(g).all() or not torch.isfinite(grams.cross[group]).all():
-            raise CalibrationError(f"task {task}: features of layer {group[0]} contain NaN or Inf; check the "
-                                   "calibration inputs and the model's dtype (fp16 overflow?).")
-
-
 def gram_pass(model, targets: dict[str, Target], batches, forward: Forward | None = None,
-              encoder_decoder: bool = False, dtype: torch.dtype = torch.float32) -> Grams:
+              dtype: torch.dtype = torch.float32) -> Grams:
     """Grams of the model as it is now (X̃ = X): gram[g] = cross[g] = XᵀX."""
     grams = Grams()
     capture = Capture(targets, lambda index, group, rows: grams.add(group, rows, None), dtype)
-    device = input_device(model)
-    with capture, torch.no_grad():
-        for batch in batches:
-            batch = to_device(batch, device)
-            capture.start_batch(batch_masks(batch, encoder_decoder))
-            run_forward(model, batch, forward)
-            capture.flush()
+    for _ in _each_batch(model, targets, batches, forward, [(lambda: None, capture)]):
+        pass
     return grams
 
 
 def paired_pass(model, targets: dict[str, Target], batches, use_task: Callable[[], None],
                 use_merged: Callable[[], None], forward: Forward | None = None,
-                encoder_decoder: bool = False, dtype: torch.dtype = torch.float32) -> Grams:
+                dtype: torch.dtype = torch.float32) -> Grams:
     """XᵀX̃ and X̃ᵀX̃: each batch runs once with the task's LoRA (X) and once through the merged model (X̃)."""
     grams, stored = Grams(), []
 
@@ -226,34 +161,53 @@ def paired_pass(model, targets: dict[str, Target], batches, use_task: Callable[[
                                    "teacher-forced passes (not sampling or generate()).")
         grams.add(group, stored[index][1], rows)
 
-    task_capture, merged_capture = Capture(targets, keep, dtype), Capture(targets, pair, dtype)
-    device = input_device(model)
+    merged_capture = Capture(targets, pair, dtype)
+    runs = [(use_task, Capture(targets, keep, dtype)), (use_merged, merged_capture)]
+    for _ in _each_batch(model, targets, batches, forward, runs):
+        if len(stored) != merged_capture._index:
+            raise CalibrationError("the merged model's forward pass visited fewer merged layers than the task "
+                                   "model's; calibration passes must be deterministic.")
+        stored.clear()
+    return grams
+
+
+def _each_batch(model, targets, batches, forward: Forward | None, runs: list[tuple[Callable[[], None], Capture]]):
+    """Run every batch once per (use, capture) of `runs` (use() switches a ΔW on); yields after each batch."""
+    device, keys = input_device(model), mask_keys(model, targets)
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
-            masks = batch_masks(batch, encoder_decoder)
-            stored.clear()
-            for use, capture in ((use_task, task_capture), (use_merged, merged_capture)):
+            masks = batch_masks(batch, keys)
+            for use, capture in runs:
                 use()
                 with capture:
                     capture.start_batch(masks)
                     run_forward(model, batch, forward)
                     capture.flush()
-            if len(stored) != merged_capture._index:
-                raise CalibrationError("the merged model's forward pass visited fewer merged layers than the task "
-                                       "model's; calibration passes must be deterministic.")
-    return grams
+            yield
+
+
+def check_reached(targets, seen, task: int | None = None) -> None:
+    """Every target ran during calibration (`seen`: the names that did)."""
+    missing = [name for name in targets if name not in seen]
+    if missing:
+        where = "" if task is None else f"task {task}: "
+        raise CalibrationError(f"{where}layer {missing[0]} (and {len(missing) - 1} more) never ran during "
+                               "calibration; does the forward pass reach the adapted modules?")
+
+
+def check_statistics(task: int, layer: str, rows: int, *matrices: torch.Tensor) -> None:
+    """A layer's statistics come from at least one real row and are finite."""
+    if rows == 0:
+        raise CalibrationError(f"task {task}: no real tokens reached layer {layer}: the calibration batches are "
+                               "empty or all padding.")
+    if not all(bool(torch.isfinite(m).all()) for m in matrices):
+        raise CalibrationError(f"task {task}: features of layer {layer} contain NaN or Inf; check the calibration "
+                               "inputs and the model's dtype (fp16 overflow?).")
 
 
 def check_coverage(grams: Grams, targets, task: int) -> None:
-    """Every target ran and saw at least one real row."""
-    seen = {name for group in grams.gram for name in group}
-    missing = [name for name in targets if name not in seen]
-    if missing:
-        raise CalibrationError(f"task {task}: layer {missing[0]} (and {len(missing) - 1} more) never ran during "
-                               "calibration; does the forward pass reach the adapted modules?")
-    for group, n in grams.rows.items():
-        if n == 0:
-            raise CalibrationError(f"task {task}: no real tokens reached layer {group[0]}: the calibration batches "
-                                   "are empty or all padding.")
-    check_finite(grams, task)
+    """Every target ran and saw at least one real row, and the statistics are finite."""
+    check_reached(targets, {name for group in grams.gram for name in group}, task)
+    for group, rows in grams.rows.items():
+        check_statistics(task, group[0], rows, grams.gram[group], grams.cross[group])

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import LoraAdapter, LoraLayer, check_config, load_adapter, scale_of
+from .adapters import LoraAdapter, LoraLayer, check_config, load_adapter, lora_layers, scale_of
 from .errors import AdapterError, ExportError
-from .export import ExportReport, lora_factors
-from .targets import resolve_names
+from .export import ExportReport, lora_factors, lora_tensors
+from .targets import layer_of, resolve_names
 
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -91,9 +91,9 @@ def _check_keys(state: dict, file) -> None:
     if not state:
         raise AdapterError(f"{file}: the file holds no tensors.")
     for key in state:
-        for marker, kind in _UNSUPPORTED_KEYS.items():
+        for marker, adapter_type in _UNSUPPORTED_KEYS.items():
             if marker in key:
-                raise AdapterError(f"{file}: tensor {key} belongs to a {kind} adapter; only plain LoRA "
+                raise AdapterError(f"{file}: tensor {key} belongs to a {adapter_type} adapter; only plain LoRA "
                                    "(down/up or A/B factors) can be merged.")
         if re.search(r"lora_(B|up)(\.[^.]+)?\.bias$", key):
             raise AdapterError(f"{file}: tensor {key} is a LoRA bias (lora_bias=True), which is not supported.")
@@ -151,12 +151,12 @@ def _lora_config(metadata: dict, component: str, prefixed: bool, file) -> dict |
 
 def _diffusers_key(key: str) -> tuple[str, str] | None:
     """(module, "A" | "B" | "alpha") of a diffusers-format key, None when it is not a LoRA tensor."""
-    for pattern, kind in _DIFFUSERS_KEYS:
+    for pattern, layout in _DIFFUSERS_KEYS:
         match = pattern.match(key)
         if match is None:
             continue
         module = match["module"]
-        if kind == "processor":
+        if layout == "processor":
             module += "." + ("to_out.0" if match["proj"] == "to_out" else match["proj"])
         which = "alpha" if key.endswith(".alpha") else _WHICH[match["which"]]
         return module.replace(".processor.", "."), which
@@ -187,7 +187,7 @@ def read_diffusers_lora(path_or_file, unet: nn.Module | None = None, component: 
         if parsed is None:
             raise AdapterError(f"{file}: tensor {key} is not a LoRA factor (lora_A/lora_B, lora.down/up) or alpha.")
         halves.setdefault(parsed[0], {})[parsed[1]] = tensor
-    layers = _layers(halves, file, lambda module, rank, alpha: (
+    layers = lora_layers(halves, file, lambda module, rank, alpha: (
         scale_of(config, module, rank) if config is not None else (alpha / rank if alpha is not None else 1.0)))
     if unet is not None:
         layers = _fit_to_model(layers, unet, file)
@@ -195,24 +195,6 @@ def read_diffusers_lora(path_or_file, unet: nn.Module | None = None, component: 
             "scale_from": "metadata" if config else ("alpha" if any("alpha" in h for h in halves.values()) else
                                                      "rank (scale 1)")}
     return LoraAdapter(str(file), info, layers)
-
-
-def _layers(halves: dict, file, scale) -> dict[str, LoraLayer]:
-    """{module: LoraLayer} from {module: {"A", "B", optional "alpha"}}; scale(module, rank, alpha) -> s."""
-    layers = {}
-    for module, parts in halves.items():
-        if not {"A", "B"} <= set(parts):
-            have = ", ".join(sorted(parts))
-            raise AdapterError(f"{file}: module {module} has {have} but not both down (A) and up (B) factors.")
-        A, B = parts["A"].float(), parts["B"].float()
-        if A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{file}: module {module}: the down factor has rank {A.shape[0]} but the up factor "
-                               f"{B.shape[1]}.")
-        alpha = float(parts["alpha"]) if "alpha" in parts else None
-        layers[module] = LoraLayer(A, B, float(scale(module, A.shape[0], alpha)))
-    if not layers:
-        raise AdapterError(f"{file}: no LoRA factors found.")
-    return layers
 
 
 def _fit_to_model(layers: dict[str, LoraLayer], model: nn.Module, file) -> dict[str, LoraLayer]:
@@ -228,24 +210,17 @@ def _fit_to_model(layers: dict[str, LoraLayer], model: nn.Module, file) -> dict[
         raise AdapterError(f"{file}: {len(missing)} LoRA module(s) are not in {type(model).__name__}, e.g. "
                            f"{', '.join(missing[:3])}; is this LoRA for this model (and component)?")
     fitted = {}
-    for old_name, layer in layers.items():
+    for old_name, lora in layers.items():
         name = resolved[old_name]
-        module, A, B = modules[name], layer.A, layer.B
-        if isinstance(module, nn.Conv2d):
-            if A.dim() == 2 and A.shape[1] == module.weight[0].numel():
-                A = A.reshape(A.shape[0], *module.weight.shape[1:])
-            B = B.reshape(B.shape[0], B.shape[1], 1, 1)
-            expected = (module.weight.shape[0], module.weight[0].numel())
-        elif isinstance(module, nn.Linear):
-            A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
-            expected = (module.out_features, module.in_features)
-        else:
-            raise AdapterError(f"{file}: module {name} is a {type(module).__name__}; only Linear and Conv2d "
-                               "LoRAs can be merged.")
-        if (B.shape[0], A[0].numel()) != expected:
-            raise AdapterError(f"{file}: module {name}: LoRA factors give ΔW {(B.shape[0], A[0].numel())}, the "
-                               f"module's weight is {expected} (out, in_flat).")
-        fitted[name] = LoraLayer(A, B, layer.scale)
+        layer = layer_of(name, modules[name])
+        if layer.fan_in_fan_out:
+            raise AdapterError(f"{file}: module {name} is a {layer.label}; only Linear and Conv2d LoRAs can be merged.")
+        B, A = lora.B.reshape(lora.B.shape[0], -1), lora.A.reshape(lora.rank, -1)
+        if (B.shape[0], A.shape[1]) != layer.matrix_shape():
+            raise AdapterError(f"{file}: module {name}: LoRA factors give ΔW {(B.shape[0], A.shape[1])}, the "
+                               f"module's weight is {layer.matrix_shape()} (out, in_flat).")
+        B, A = layer.lora_layout(B, A)
+        fitted[name] = LoraLayer(A, B, lora.scale)
     return fitted
 
 
@@ -317,7 +292,7 @@ def read_kohya_lora(file, unet: nn.Module, component: str = "unet", ignore_other
                            f"Pass ignore_other=True to read only the {component} part.")
     if not halves:
         raise AdapterError(f"{file}: no {component} LoRA tensors in this kohya file.")
-    layers = _layers(halves, file, lambda module, rank, alpha: alpha / rank if alpha is not None else 1.0)
+    layers = lora_layers(halves, file, lambda module, rank, alpha: alpha / rank if alpha is not None else 1.0)
     info = {"format": "kohya", "component": component, "peft_type": "LORA",
             "alphas": {m: float(h["alpha"]) for m, h in halves.items() if "alpha" in h}}
     return LoraAdapter(str(file), info, _fit_to_model(layers, unet, file))
@@ -363,22 +338,15 @@ def write_diffusers_lora(result, path, prefix: str | None = "unet", rank: int | 
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
-    bad = [n for n, info in result.layers.items() if info.kind not in ("linear", "conv2d")]
+    bad = [n for n, layer in result.layers.items() if layer.fan_in_fan_out]
     if bad:
         raise ExportError(f"diffusers LoRA files hold Linear and Conv2d layers only; {bad[0]} is a "
-                          f"{result.layers[bad[0]].kind}.")
+                          f"{result.layers[bad[0]].label}.")
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / WEIGHT_NAMES[0]
     factors = lora_factors(result.deltas, result.factors, result.layers, rank)
     key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-    tensors, ranks = {}, {}
-    for name, (B, A, _) in factors.items():
-        info, r = result.layers[name], A.shape[0]
-        if info.kind == "conv2d":
-            A, B = A.reshape((r,) + tuple(info.weight_shape[1:])), B.reshape(info.out_features, r, 1, 1)
-        tensors[key(name) + ".lora_A.weight"] = A.to(dtype).contiguous().cpu()
-        tensors[key(name) + ".lora_B.weight"] = B.to(dtype).contiguous().cpu()
-        ranks[name] = r
+    tensors, ranks = lora_tensors(factors, result.layers, key, dtype)
     _save_atomic(tensors, {"format": "pt", METADATA_KEY: json.dumps(_config_dict(ranks, key), sort_keys=True)}, file)
     return ExportReport(str(file), ranks, {n: f[2] for n, f in factors.items()})
 

@@ -24,23 +24,17 @@ from .adapters import LoraAdapter, LoraLayer, load_adapter
 from .errors import AdapterError, CalibrationError, IterisError
 from .deltas import DeltaHooks
 from .features import Grams, check_coverage, gram_pass, paired_pass
-from .objective import (WEIGHT_VARIANTS, LayerProblem, adaptive_weight, objective, output_energy,
-                        shrink_off_diagonal, solve)
+from .objective import LayerProblem, adaptive_weight, objective, output_energy, shrink_off_diagonal, solve
 from .result import MergeResult
+from .settings import METHODS, MergeSettings
 from .sweep import SweepTask, one_sweep
 from .targets import Target, resolve_names
-
-METHODS = ("iteris", "regmean") + baselines.DATA_FREE
-MODULE_POLICIES = ("error", "intersection", "union")
-SCHEDULES = ("jacobi", "sweep")
-GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 @dataclass
 class IterationRecord:
     """What one solve did. Per layer, lists run over tasks.
 
-    weights:   λ_i
+    lambdas:   λ_i times the user's weight of task i (`weights` is its old name)
     objective: ‖X_iΔW_iᵀ − X̃_iWᵀ‖² / ‖X_iΔW_iᵀ‖² of the new W on the features it was solved from
     merged_objective: the previous W on the features of the merged model it produced (what that model
                really does); None at iteration 1
@@ -51,12 +45,16 @@ class IterationRecord:
     """
 
     iteration: int
-    weights: dict[str, list[float]]
+    lambdas: dict[str, list[float]]
     objective: dict[str, list[float]]
     merged_objective: dict[str, list[float]] | None
     drift: dict[str, list[float]]
     change: dict[str, float]
     seconds: float = 0.0
+
+    @property
+    def weights(self) -> dict[str, list[float]]:
+        return self.lambdas
 
     def mean_objective(self) -> float:
         values = [v for per_task in self.objective.values() for v in per_task]
@@ -67,17 +65,14 @@ class IterationRecord:
 class _Layer:
     target: Target
     loras: list[LoraLayer | None]
-    weights: list[float] = field(default_factory=list)
+    lambdas: list[float] = field(default_factory=list)
     energies: list[float] = field(default_factory=list)
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     delta: torch.Tensor | None = None  # (out, in_flat) float64
 
 
-def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", max_iter: int = 10,
-                alpha: float = 1e-4, adaptive_weights: str = "official", weights=None, density: float = 0.5,
-                regmean_shrink: float = 0.9, modules: str = "error", forward=None, seed: int = 0,
-                progress: bool = True, tol: float | None = None, on_iteration=None, schedule: str = "jacobi",
-                gram_dtype: str = "float32") -> MergeResult:
+def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | None = None, forward=None,
+                on_iteration=None, progress: bool = True, **keywords) -> MergeResult:
     """Merge N ≥ 2 LoRA adapters of `model` into one ΔW per adapted layer.
 
     model:       the base nn.Module, without adapters; it is left unchanged (weights restored on return or error).
@@ -85,34 +80,20 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     calibration: per task, an iterable of batches (dicts of model kwargs, or tensors); only for "iteris" and
                  "regmean". `attention_mask` (and `decoder_attention_mask`/`labels`, `encoder_attention_mask`)
                  mark real positions: padding never enters a Gram. Iterables are read into lists.
-    method:      "iteris" | "regmean" | "linear" | "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" |
-                 "magnitude_prune" | "cat".
-    schedule:    (iteris) "jacobi": the paper's loop, `max_iter` solves of every layer, each from a fresh pass of
-                 the previous merge; "sweep": the loop's fixed point in one pass (each layer solved as soon as the
-                 merged model's inputs for it exist; see iteris_lab.sweep) — what Jacobi reaches after J solves on
-                 a chain of J adapted layers, at about the cost of RegMean.
-    max_iter:    number of solves (iteris, jacobi). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
-    gram_dtype:  "float32" (default) or "float64": the precision the statistics XᵀX̃ are summed in. Solves are
-                 always float64; float64 statistics matter when α is tiny (≤ 1e-6) and a layer sees fewer
-                 rows than inputs (rank-deficient Grams, the paper's Flan-T5 setting).
-    adaptive_weights: λ_i variant: "official" (default, as the authors' code: W0 + ΔW_i in both norms),
-                 "paper" (ΔW_i only) or "none".
-    weights:     per-task multipliers: on λ_i for iteris (the official code's manual coefficients), the
-                 mixing weights for the data-free methods (default 1/N for linear, 1 otherwise).
-    density:     kept fraction for ties / dare / magnitude_prune. regmean_shrink: RegMean's off-diagonal
-                 scale in [0, 1] (method="regmean" only; alpha is not used there).
-    modules:     when adapters adapt different modules: "error" (default), "intersection" or "union"
-                 (a task that does not adapt a layer asks for ΔW = 0 there).
+    keywords:    the choices of the merge, checked by MergeSettings (method="iteris", schedule="jacobi",
+                 max_iter=10, alpha=1e-4, adaptive_weights="official", density=0.5, regmean_shrink=0.9,
+                 modules="error", tol=None, seed=0, gram_dtype="float32", weights=None; see its docstring), or
+                 settings=MergeSettings(...) instead of them.
     forward:     optional callable forward(model, batch), or a list of them (one per task), used instead of
                  model(**batch) — e.g. teacher forcing or a denoising step.
-    tol:         stop early when every layer's relative change falls below tol.
     on_iteration: optional callable(record, deltas) called after every solve with its IterationRecord and the
                  merged ΔW of that solve ({module name: float32 tensor in the weight's layout}), e.g. to
                  evaluate the model after each iteration without re-running the merge.
     """
     start = time.perf_counter()
-    settings = _check_settings(method, max_iter, alpha, adaptive_weights, density, regmean_shrink, modules,
-                               tol, seed, schedule, gram_dtype)
+    if settings is not None and keywords:
+        raise IterisError(f"pass either settings=MergeSettings(...) or keywords ({', '.join(keywords)}), not both.")
+    settings = settings if settings is not None else MergeSettings(**keywords)
     if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
         raise AdapterError(f"adapters must be a list of adapter folders (or LoraAdapter objects), one per task; got "
                            f"the single {type(adapters).__name__} {str(getattr(adapters, 'path', adapters))!r}. "
@@ -121,89 +102,42 @@ def merge_loras(model, adapters, calibration=None, *, method: str = "iteris", ma
     if len(loras) < 2:
         raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
     from .adapters import check_adapters  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
-    settings.update(check_adapters(model, loras))
-    layers = _layers(model, loras, modules)
+    checked = check_adapters(model, loras)
+    layers = _layers(model, loras, settings.modules)
     n = len(loras)
-    mix = _task_weights(weights, method, n)
-    settings.update(adapters=[a.path for a in loras], weights=mix, layers=len(layers))
+    settings = settings.resolved(n)
+    record = settings.record()
+    del record["weights"]
+    record.update(checked)
+    record.update(adapters=[a.path for a in loras], weights=list(settings.weights), layers=len(layers))
 
-    if method in baselines.DATA_FREE:
+    if settings.method in baselines.DATA_FREE:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(settings.seed)
             for layer in layers.values():
-                shape = layer.target.info.matrix_shape()
-                layer.delta, layer.factors = baselines.merge_layer(method, layer.loras, shape, mix, density)
+                shape = layer.target.layer.matrix_shape()
+                layer.delta, layer.factors = baselines.merge_layer(settings.method, layer.loras, shape,
+                                                                   list(settings.weights), settings.density)
         history = []
     else:
         batches = _calibration_lists(calibration, n)
         forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
         if len(forwards) != n:
             raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
-        run = _sweep if settings["schedule"] == "sweep" else _iterate
+        run = _sweep if settings.schedule == "sweep" else _iterate
         with _calibration_mode(model):
-            history = run(model, layers, batches, forwards, settings, mix, progress, on_iteration)
+            history = run(model, layers, batches, forwards, settings, progress, on_iteration)
     return MergeResult(
-        method=method,
+        method=settings.method,
         deltas=_weight_layout(layers),
         factors={name: tuple(f.float().cpu() for f in layer.factors)
                  for name, layer in layers.items() if layer.factors is not None},
         history=history,
-        layers={name: layer.target.info for name, layer in layers.items()},
-        settings=settings,
+        layers={name: layer.target.layer for name, layer in layers.items()},
+        settings=record,
         seconds=time.perf_counter() - start,
         base_model=loras[0].config.get("base_model_name_or_path"),
     )
-
-
-def _check_settings(method, max_iter, alpha, variant, density, shrink, modules, tol, seed, schedule,
-                    gram_dtype) -> dict:
-    if method not in METHODS:
-        raise IterisError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise IterisError(f"max_iter must be a positive integer, got {max_iter!r}.")
-    if isinstance(alpha, bool) or not hasattr(alpha, "__float__") or not 0 <= float(alpha) < float("inf"):
-        raise IterisError(f"alpha must be a finite number >= 0 (the paper uses <= 1e-4), got {alpha!r}.")
-    if variant not in WEIGHT_VARIANTS:
-        raise IterisError(f"adaptive_weights must be one of {WEIGHT_VARIANTS}, got {variant!r}.")
-    if not 0 < density <= 1:
-        raise IterisError(f"density must be in (0, 1], got {density!r}.")
-    if not 0 <= shrink <= 1:
-        raise IterisError(f"regmean_shrink must be in [0, 1], got {shrink!r}.")
-    if modules not in MODULE_POLICIES:
-        raise IterisError(f"modules must be one of {MODULE_POLICIES}, got {modules!r}.")
-    if schedule not in SCHEDULES:
-        raise IterisError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
-    if str(gram_dtype).removeprefix("torch.") not in GRAM_DTYPES:
-        raise IterisError(f"gram_dtype must be one of {tuple(GRAM_DTYPES)}, got {gram_dtype!r}.")
-    gram_dtype = str(gram_dtype).removeprefix("torch.")
-    if method == "regmean":
-        max_iter, variant, alpha, schedule = 1, "none", 0.0, "jacobi"
-    if schedule == "sweep":
-        max_iter, tol = 1, None
-    return dict(method=method, schedule=schedule, max_iter=max_iter, alpha=alpha, adaptive_weights=variant,
-                density=density, regmean_shrink=shrink, modules=modules, tol=tol, seed=seed, gram_dtype=gram_dtype)
-
-
-def _task_weights(weights, method: str, n: int) -> list[float]:
-    if weights is None:
-        return baselines.default_weights(method, n) if method in baselines.DATA_FREE else [1.0] * n
-    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
-        raise IterisError(f"weights must be a list of {n} numbers, one per adapter; got {weights!r}.")
-    try:
-        weights = [float(w) for w in weights]
-    except (TypeError, ValueError) as err:
-        raise IterisError(f"weights must be numbers, got {weights!r}.") from err
-    if len(weights) != n:
-        raise IterisError(f"got {len(weights)} weights for {n} adapters.")
-    if not all(abs(w) < float("inf") for w in weights):
-        raise IterisError(f"weights must be finite numbers, got {weights}.")
-    if not any(weights):
-        raise IterisError(f"all weights are 0 ({weights}): the merge would be ΔW = 0, the base model. "
-                          "Give at least one adapter a non-zero weight.")
-    if method in ("iteris", "regmean") and min(weights) < 0:
-        raise IterisError(f"weights multiply the per-task terms λ_i of the {method} objective and must be >= 0, "
-                          f"got {weights}; for task negation use method='task_arithmetic'.")
-    return weights
 
 
 def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
@@ -241,11 +175,9 @@ def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
 def _check_shape(adapter: LoraAdapter, name: str, lora: LoraLayer | None, target: Target) -> None:
     if lora is None:
         return
-    out, inp = target.info.matrix_shape()
-    got = (lora.B.shape[0], lora.A[0].numel())
-    if got != (out, inp) or (target.info.kind == "conv2d" and tuple(lora.A.shape[1:]) != target.info.weight_shape[1:]):
+    if not target.layer.fits(lora):
         raise AdapterError(f"{adapter.path}: module {name} has ΔW of shape {tuple(lora.B.shape[:1]) + tuple(lora.A.shape[1:])} "
-                           f"but the base layer's weight is {target.info.weight_shape}; "
+                           f"but the base layer's weight is {target.layer.weight_shape}; "
                            "was this adapter trained on another base model?")
 
 
@@ -269,8 +201,7 @@ def _calibration_lists(calibration, n: int) -> list[list]:
 
 
 def _weight_layout(layers: dict[str, _Layer]) -> dict[str, torch.Tensor]:
-    return {name: layer.target.info.to_weight_layout(layer.delta).float().cpu()
-            if layer.target.info.kind == "conv2d" else layer.delta.float().cpu() for name, layer in layers.items()}
+    return {name: layer.target.layer.delta_layout(layer.delta).float().cpu() for name, layer in layers.items()}
 
 
 @contextmanager
@@ -290,10 +221,6 @@ def _calibration_mode(model):
             config.use_cache = cache
 
 
-def _is_encoder_decoder(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def _task_deltas(layers: dict[str, _Layer], n: int) -> list[dict]:
     return [{name: layer.loras[i] for name, layer in layers.items()} for i in range(n)]
 
@@ -302,46 +229,45 @@ def _quiet(progress: bool) -> bool:
     return not progress or bool(os.environ.get("TQDM_DISABLE"))
 
 
-def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
+def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings: MergeSettings, progress,
              on_iteration=None) -> list[IterationRecord]:
     """The Jacobi schedule: every layer solved from the previous merge's features, `max_iter` times."""
     targets = {name: layer.target for name, layer in layers.items()}
-    encoder_decoder = _is_encoder_decoder(model)
-    dtype = GRAM_DTYPES[settings["gram_dtype"]]
+    dtype = settings.gram_torch_dtype
     task_deltas = _task_deltas(layers, len(batches))
     quiet = _quiet(progress)
     history: list[IterationRecord] = []
     with DeltaHooks(targets) as hooks:
-        bar = tqdm(range(1, settings["max_iter"] + 1), desc=f"{settings['method']} solves", disable=quiet)
+        bar = tqdm(range(1, settings.max_iter + 1), desc=f"{settings.method} solves", disable=quiet)
         for t in bar:
             tick = time.perf_counter()
             grams = []
             for i in tqdm(range(len(batches)), desc=f"solve {t}: tasks", leave=False, disable=quiet):
                 if t == 1:
                     hooks.set(task_deltas[i])
-                    g = gram_pass(model, targets, batches[i], forwards[i], encoder_decoder, dtype)
+                    g = gram_pass(model, targets, batches[i], forwards[i], dtype)
                 else:
                     merged = {name: layer.factors for name, layer in layers.items()}
                     g = paired_pass(model, targets, batches[i], lambda i=i: hooks.set(task_deltas[i]),
-                                    lambda m=merged: hooks.set(m), forwards[i], encoder_decoder, dtype)
+                                    lambda m=merged: hooks.set(m), forwards[i], dtype)
                 check_coverage(g, targets, i)
                 grams.append(g)
             if t == 1:
                 first = grams
-            record = _solve_all(layers, grams, first, settings, mix, t)
+            record = _solve_all(layers, grams, first, settings, t)
             record.seconds = time.perf_counter() - tick
             history.append(record)
             if on_iteration is not None:
                 hooks.set({})  # the callback sees the base model W0, as merge_loras' caller does
                 on_iteration(record, _weight_layout(layers))
             bar.set_postfix(objective=f"{record.mean_objective():.3g}")
-            tol = settings["tol"]
+            tol = settings.tol
             if tol is not None and t > 1 and max(record.change.values()) < tol:
                 break
     return history
 
 
-def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings, mix, progress,
+def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings: MergeSettings, progress,
            on_iteration=None) -> list[IterationRecord]:
     """The one-sweep schedule (sweep.py): each layer solved once, from the merged model's own features."""
     tick = time.perf_counter()
@@ -355,14 +281,13 @@ def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings, mix, p
             solved.clear()
             solved[key] = [[getattr(s, which).double() for s in stats] for which in ("cross", "gram", "task")]
         cross, gram, first = solved[key]
-        _solve_layer(name, layers[name], cross, gram, first, sum(s.rows for s in stats), settings, mix, record, 1)
+        _solve_layer(name, layers[name], cross, gram, first, sum(s.rows for s in stats), settings, record, 1)
         record.merged_objective[name] = record.objective[name]
         return layers[name].factors
 
     targets = {name: layer.target for name, layer in layers.items()}
     with tqdm(total=len(targets), desc="iteris sweep: layers", disable=_quiet(progress)) as bar:
-        one_sweep(model, targets, tasks, solve_one, GRAM_DTYPES[settings["gram_dtype"]], _is_encoder_decoder(model),
-                  on_solved=lambda name: bar.update())
+        one_sweep(model, targets, tasks, solve_one, settings.gram_torch_dtype, on_solved=lambda name: bar.update())
     record.change = {}
     record.seconds = time.perf_counter() - tick
     if on_iteration is not None:
@@ -370,7 +295,7 @@ def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings, mix, p
     return [record]
 
 
-def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t) -> IterationRecord:
+def _solve_all(layers, grams: list[Grams], first: list[Grams], settings: MergeSettings, t) -> IterationRecord:
     record = IterationRecord(t, {}, {}, {} if t > 1 else None, {}, {})
     cache: dict = {}
 
@@ -379,7 +304,7 @@ def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t)
         key = (id(g), which, group)
         if key not in cache:
             m = getattr(g, which)[group].double()
-            cache[key] = shrink_off_diagonal(m, settings["regmean_shrink"]) if settings["method"] == "regmean" else m
+            cache[key] = shrink_off_diagonal(m, settings.shrink)
         return cache[key]
 
     for name, layer in layers.items():
@@ -387,24 +312,24 @@ def _solve_all(layers, grams: list[Grams], first: list[Grams], settings, mix, t)
         gram = [stat(g, "gram", name) for g in grams]
         first_gram = [stat(g, "gram", name) for g in first]
         rows = sum(g.rows[g.group_of(name)] for g in grams)
-        _solve_layer(name, layer, cross, gram, first_gram, rows, settings, mix, record, t)
+        _solve_layer(name, layer, cross, gram, first_gram, rows, settings, record, t)
     return record
 
 
-def _solve_layer(name: str, layer: _Layer, cross, gram, first_gram, rows: int, settings, mix,
+def _solve_layer(name: str, layer: _Layer, cross, gram, first_gram, rows: int, settings: MergeSettings,
                  record: IterationRecord, t: int) -> None:
     """Solve one layer from P_i = X_iᵀX̃_i, Q_i = X̃_iᵀX̃_i (and S_i = X_iᵀX_i for λ), and record what it did."""
     if t == 1:
-        _first_weights(layer, first_gram, settings, mix, layer.target.weight_matrix())
-    shrunk = settings["method"] == "regmean" and settings["regmean_shrink"] < 1
-    problem = LayerProblem(name, layer.loras, cross, gram, layer.weights, rows, shrunk)
+        _fix_lambdas(layer, first_gram, settings, layer.target.weight_matrix())
+    shrunk = settings.shrink < 1
+    problem = LayerProblem(name, layer.loras, cross, gram, layer.lambdas, rows, shrunk)
     if t > 1:
         record.merged_objective[name] = _relative(objective(problem, *layer.factors, layer.energies),
                                                   layer.energies)
-    B, A = solve(problem, settings["alpha"])
+    B, A = solve(problem, settings.alpha)
     delta = B @ A
     previous, layer.factors, layer.delta = layer.delta, (B, A), delta
-    record.weights[name] = list(layer.weights)
+    record.lambdas[name] = list(layer.lambdas)
     record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
     record.change[name] = 1.0 if previous is None else float(
         torch.linalg.matrix_norm(delta - previous) / torch.linalg.matrix_norm(delta).clamp_min(1e-30))
@@ -412,13 +337,12 @@ def _solve_layer(name: str, layer: _Layer, cross, gram, first_gram, rows: int, s
                           for s, p, q in zip(first_gram, cross, gram)]
 
 
-def _first_weights(layer: _Layer, s_list, settings, mix, w0: torch.Tensor) -> None:
-    """λ_i (times the user's multipliers) and ‖X_iΔW_iᵀ‖², fixed from iteration 1 on: X_i never changes."""
-    variant = settings["adaptive_weights"]
-    lams = [adaptive_weight(lora, s, w0, variant) for lora, s in zip(layer.loras, s_list)]
+def _fix_lambdas(layer: _Layer, s_list, settings: MergeSettings, w0: torch.Tensor) -> None:
+    """λ_i (times the user's weight of task i) and ‖X_iΔW_iᵀ‖², fixed from iteration 1 on: X_i never changes."""
+    lams = [adaptive_weight(lora, s, w0, settings.adaptive_weights) for lora, s in zip(layer.loras, s_list)]
     known = [lam for lam in lams if lam is not None]
     fill = sum(known) / len(known) if known else 1.0
-    layer.weights = [(fill if lam is None else lam) * m for lam, m in zip(lams, mix)]
+    layer.lambdas = [(fill if lam is None else lam) * w for lam, w in zip(lams, settings.weights)]
     layer.energies = [0.0 if lora is None else output_energy(lora, s) for lora, s in zip(layer.loras, s_list)]
 
 

@@ -11,25 +11,26 @@ below is computed from the factors and the Grams, never from the raw features.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from .adapters import LoraLayer
 from .errors import SolveError
 
-WEIGHT_VARIANTS = ("official", "paper", "none")
+LambdaVariant = Literal["official", "paper", "none"]
 
 
 @dataclass
 class LayerProblem:
     """One layer's solve. Per task i: its LoRA (None if it does not adapt this layer), X_iᵀX̃_i, X̃_iᵀX̃_i
-    (in, in, unregularized), and λ_i."""
+    (in, in, unregularized), and λ_i (times the user's weight of task i)."""
 
     name: str
     loras: list[LoraLayer | None]
     cross: list[torch.Tensor]
     gram: list[torch.Tensor]
-    weights: list[float]
+    lambdas: list[float]
     rows: int  # real rows over all tasks
     shrunk: bool = False  # RegMean's off-diagonal shrink already makes the Gram definite
 
@@ -58,7 +59,7 @@ def output_energy(lora: LoraLayer, s: torch.Tensor) -> float:
     return float(lora.scale ** 2 * torch.sum((B.T @ B) * (A @ s @ A.T)))
 
 
-def adaptive_weight(lora: LoraLayer | None, s: torch.Tensor, w0: torch.Tensor, variant: str) -> float | None:
+def adaptive_weight(lora: LoraLayer | None, s: torch.Tensor, w0: torch.Tensor, variant: LambdaVariant) -> float | None:
     """λ_i of one layer from S = X_iᵀX_i (features with LoRA i active).
 
     paper:    ‖ΔW_i‖_F² / ‖X_i ΔW_iᵀ‖_F²
@@ -78,7 +79,7 @@ def adaptive_weight(lora: LoraLayer | None, s: torch.Tensor, w0: torch.Tensor, v
         w = w0.to(s) if lora is None else w0.to(s) + lora.delta().to(s)
         num, den = float(torch.sum(w * w)), float(torch.sum((w @ s) * w))
     else:
-        raise ValueError(f"adaptive_weights must be one of {WEIGHT_VARIANTS}, got {variant!r}")
+        raise ValueError(f"adaptive_weights must be one of {get_args(LambdaVariant)}, got {variant!r}")
     return num / den if den > 0 else 1.0
 
 
@@ -87,7 +88,7 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
     if alpha == 0 and not problem.shrunk and problem.rows < problem.in_features:
         raise SolveError(f"layer {problem.name}: {problem.rows} calibration rows for {problem.in_features} inputs "
                          "make Σλ_i X̃_iᵀX̃_i singular with alpha=0; use alpha > 0 (e.g. 1e-4) or more samples.")
-    g = sum(lam * regularize(gram, alpha) for lam, gram in zip(problem.weights, problem.gram))
+    g = sum(lam * regularize(gram, alpha) for lam, gram in zip(problem.lambdas, problem.gram))
     # An input feature that is exactly 0 on every calibration row (a dead dimension, e.g. of a text encoder) has
     # a zero row and column in every Gram: W's column there is free, and 1 on the diagonal picks the minimum-norm
     # choice, 0.
@@ -99,7 +100,7 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
         raise SolveError(f"layer {problem.name}: Σλ_i X̃_iᵀX̃_i is singular (rank-deficient features); "
                          "use alpha > 0 (e.g. 1e-4).")
     rhs, bs = [], []
-    for lora, cross, lam in zip(problem.loras, problem.cross, problem.weights):
+    for lora, cross, lam in zip(problem.loras, problem.cross, problem.lambdas):
         if lora is None:
             continue
         B, A = _to(lora.factors(), g)

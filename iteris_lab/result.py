@@ -8,7 +8,7 @@ from torch import nn
 
 from .errors import AdapterError, ExportError
 from .export import ExportReport, lora_factors, write_adapter
-from .targets import LayerInfo, Target, resolve_names
+from .targets import LinearLayer, Target, resolve_names
 
 
 @dataclass
@@ -25,7 +25,7 @@ class MergeResult:
     deltas: dict[str, torch.Tensor]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     history: list
-    layers: dict[str, LayerInfo]
+    layers: dict[str, LinearLayer]  # the kind of each merged layer (targets.py)
     settings: dict
     seconds: float
     base_model: str | None = None
@@ -75,8 +75,8 @@ class MergeResult:
                                   "offload): apply_to cannot write into offloaded weights. Use "
                                   "result.save_adapter(folder) and PeftModel.from_pretrained(model, folder), or "
                                   "load the model without offloading.")
-            if target.info.weight_shape != self.layers[name].weight_shape:
-                raise AdapterError(f"module {names[name]} has weight {target.info.weight_shape}, the merge "
+            if target.layer.weight_shape != self.layers[name].weight_shape:
+                raise AdapterError(f"module {names[name]} has weight {target.layer.weight_shape}, the merge "
                                    f"expects {self.layers[name].weight_shape}.")
         with torch.no_grad():
             for module_name, module, attr in written:
@@ -87,9 +87,7 @@ class MergeResult:
             if shared and getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
             for name, target in targets.items():
-                w = target.module.weight
-                update = target.info.to_weight_layout(self.deltas[name].to(w.device, torch.float32))
-                w.copy_((w.float() + update).to(w.dtype))
+                target.write(target.module.weight, self.deltas[name])
             for pname, tensor in carried.items():
                 param = model.get_parameter(pname)
                 param.copy_(tensor.to(param.device, param.dtype))
@@ -132,7 +130,7 @@ class MergeResult:
             "layers": len(self.deltas),
             "iterations": [{
                 "iteration": r.iteration, "seconds": r.seconds, "mean_objective": r.mean_objective(),
-                "max_change": max(r.change.values(), default=None), "weights": r.weights, "objective": r.objective,
+                "max_change": max(r.change.values(), default=None), "weights": r.lambdas, "objective": r.objective,
             } for r in self.history],
         }
 

@@ -29,8 +29,9 @@ import torch
 
 from .deltas import DeltaHooks
 from .errors import CalibrationError
-from .features import Forward, batch_masks, input_device, mask_for, run_forward, same_tensor, to_device
-from .targets import Target
+from .features import Forward, check_reached, check_statistics, input_device, run_forward, same_tensor, to_device
+from .rows import batch_masks, lined_up, mask_keys
+from .targets import Target, TargetHooks, layer_input
 
 
 @dataclass
@@ -56,18 +57,17 @@ Solve = Callable[[str, list[Stats]], object]
 
 
 def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: Solve,
-              dtype: torch.dtype = torch.float32, encoder_decoder: bool = False,
-              on_solved: Callable[[str], None] | None = None) -> dict:
+              dtype: torch.dtype = torch.float32, on_solved: Callable[[str], None] | None = None) -> dict:
     """Run the sweep. `solve(name, stats per task)` returns the merged ΔW of module `name` (anything
     DeltaHooks.set accepts); returns {name: that ΔW} for every target."""
     merged: dict = {}
     turn = threading.local()
-    device = input_device(model)
+    device, keys = input_device(model), mask_keys(model, targets)
     pairs = []  # (task index, pass with the task's LoRA, pass through the merged model)
     for i, task in enumerate(tasks):
         for batch in task.batches:
             batch = to_device(batch, device)
-            masks = batch_masks(batch, encoder_decoder)
+            masks = batch_masks(batch, keys)
             pairs.append((i, *(_Pass(model, batch, task.forward, deltas, masks, dtype, turn)
                                for deltas in (task.deltas, merged))))
     passes = [p for _, own, through_merged in pairs for p in (own, through_merged)]
@@ -86,10 +86,7 @@ def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: 
         finally:
             for p in passes:
                 p.end()
-    missing = [name for name in targets if name not in merged]
-    if missing:
-        raise CalibrationError(f"layer {missing[0]} (and {len(missing) - 1} more) never ran during calibration; "
-                               "does the forward pass reach the adapted modules?")
+    check_reached(targets, merged)
     return merged
 
 
@@ -117,7 +114,8 @@ def _next_stop(pairs, hooks: DeltaHooks, merged: dict, previous: list[Stats] | N
         return name, previous
     for i, own, other in deferred:
         _add(sums, i, own, other, name)
-    _check(sums, name)
+    for i, stats in enumerate(sums):
+        check_statistics(i, name, stats.rows, stats.task, stats.cross, stats.gram)
     return name, sums
 
 
@@ -160,16 +158,6 @@ def _add(sums: list, i: int, own: "_Pass", other: "_Pass", name: str) -> None:
         sums[i].rows += x.shape[0]
 
 
-def _check(sums: list, name: str) -> None:
-    for i, stats in enumerate(sums):
-        if stats.rows == 0:
-            raise CalibrationError(f"task {i}: no real tokens reached layer {name}: the calibration batches are empty "
-                                   "or all padding.")
-        if not all(torch.isfinite(m).all() for m in (stats.task, stats.cross, stats.gram)):
-            raise CalibrationError(f"task {i}: features of layer {name} contain NaN or Inf; check the calibration "
-                                   "inputs and the model's dtype (fp16 overflow?).")
-
-
 class _Aborted(BaseException):
     """Raised inside a stopped pass to unwind it when the sweep ends early."""
 
@@ -202,7 +190,7 @@ class _Pass:
     def stop(self, name: str, target: Target, x: torch.Tensor) -> None:
         """Called in the pass's thread at the input `x` of `name`: note where it is, wait for the next turn."""
         self.shared = (self._input is not None and same_tensor(self._input, x)
-                       and self._target.row_signature == target.row_signature)
+                       and self._target.layer.row_signature == target.layer.row_signature)
         self.at, self._input, self._target = name, x, target
         self._stopped.release()
         self._go.acquire()
@@ -212,7 +200,7 @@ class _Pass:
     def rows(self) -> torch.Tensor:
         """The real rows of the input the pass stopped at, (rows, in_flat) in the statistics' dtype."""
         x = self._input.detach()
-        return self._target.rows(x, mask_for(self.at, x, self.masks)).to(self.dtype)
+        return self._target.layer.rows(x, lined_up(self.at, x, self.masks.get(self.at))).to(self.dtype)
 
     def end(self) -> None:
         """Unwind the pass if it is still stopped somewhere, and wait for its thread."""
@@ -242,30 +230,21 @@ class _Pass:
             self._stopped.release()
 
 
-class _Stops:
+class _Stops(TargetHooks):
     """Forward pre-hooks that stop the pass running in the current thread at every target's input."""
 
+    pre = True
+
     def __init__(self, targets: dict[str, Target], turn: threading.local):
-        self.targets, self.turn, self._handles = targets, turn, []
-
-    def __enter__(self):
-        for name, target in self.targets.items():
-            self._handles.append(target.module.register_forward_pre_hook(self._hook(name, target), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        return False
+        super().__init__(targets)
+        self.turn = turn
 
     def _hook(self, name: str, target: Target):
         def hook(module, args, kwargs):
             current = getattr(self.turn, "current", None)
             if current is None:  # a forward outside the sweep's passes
                 return None
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            current.stop(name, target, x)
+            current.stop(name, target, layer_input(args, kwargs))
             target.ensure_loaded()
             return None
         return hook

@@ -9,6 +9,7 @@ So one closed form serves all three.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +19,131 @@ from .errors import AdapterError
 
 
 @dataclass(frozen=True)
-class LayerInfo:
-    """What export and apply need to know about a merged layer."""
+class LinearLayer:
+    """An nn.Linear seen as y = x·Wᵀ: W is its weight (out, in), rows are the last-dimension vectors of the input.
 
-    kind: str  # "linear" | "conv1d" | "conv2d"
+    The other kinds below override what differs; every kind answers the same questions, so the engine never asks
+    which kind it holds."""
+
     weight_shape: tuple[int, ...]  # the module's own weight shape
     out_features: int
-    in_features: int  # flattened: in·kh·kw for conv2d
-
-    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        """(out, in_flat) -> the layout of the module's weight."""
-        if self.kind == "conv1d":
-            return delta.T
-        return delta.reshape(self.weight_shape)
+    in_features: int  # flattened: in·kh·kw for Conv2d
+    fan_in_fan_out: ClassVar[bool] = False  # PEFT's flag for a weight stored (in, out)
+    label: ClassVar[str] = "Linear"
 
     def matrix_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The module's weight as the (out, in_flat) matrix W."""
+        return weight.reshape(self.out_features, -1)
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW (out, in_flat) -> the layout of the module's weight."""
+        return delta.reshape(self.weight_shape)
+
+    def delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW (out, in_flat) -> the layout of MergeResult.deltas: (out, in), or (out, in, kh, kw) for Conv2d."""
+        return delta.reshape(self.weight_shape)
+
+    def fits(self, lora) -> bool:
+        """Whether a LoraLayer's ΔW has this layer's shape."""
+        return (lora.B.shape[0], lora.A[0].numel()) == self.matrix_shape()
+
+    def rows(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's input as rows (n, in_flat). `keep` is a (batch, seq) bool mask of real positions."""
+        if keep is not None:
+            x = x[keep] if x.dim() > 2 else x[keep.reshape(-1)]
+        return x.reshape(-1, self.in_features)
+
+    @property
+    def row_signature(self) -> tuple:
+        """Two modules reading the same tensor share their Grams when their signatures agree."""
+        return (type(self), self.in_features)
+
+    def product(self, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """x·ΔWᵀ for ΔW = scale·B·A (two thin products, as PEFT does), or for a dense ΔW = B when A is None."""
+        if A is None:
+            return x @ B.T
+        return scale * ((x @ A.T) @ B.T)
+
+    def lora_layout(self, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors B (out, r), A (r, in_flat) in the shapes a PEFT or diffusers LoRA stores for this layer."""
+        return B, A
+
+
+@dataclass(frozen=True)
+class Conv1DLayer(LinearLayer):
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out), so W is its transpose."""
+
+    fan_in_fan_out: ClassVar[bool] = True
+    label: ClassVar[str] = "GPT-2 Conv1D"
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T
+
+    def delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+
+@dataclass(frozen=True)
+class Conv2dLayer(LinearLayer):
+    """nn.Conv2d: W is the weight flattened to (out, in·kh·kw), rows are the unfolded input patches. A LoRA's A is
+    a conv (r, in, kh, kw) and B a 1x1 conv (out, r, 1, 1)."""
+
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | int = 0
+    dilation: tuple[int, int] = (1, 1)
+    label: ClassVar[str] = "Conv2d"
+
+    def fits(self, lora) -> bool:
+        return super().fits(lora) and tuple(lora.A.shape[1:]) == self.weight_shape[1:]
+
+    def rows(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (batch, in·kh·kw, positions)
+        return patches.transpose(1, 2).reshape(-1, self.in_features)
+
+    @property
+    def row_signature(self) -> tuple:
+        return (type(self), self.in_features, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def product(self, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor | None, scale: float) -> torch.Tensor:
+        conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        if A is None:  # dense
+            return F.conv2d(x, B.reshape(self.weight_shape), **conv)
+        B, A = self.lora_layout(B, A)
+        return scale * F.conv2d(F.conv2d(x, A, **conv), B)
+
+    def lora_layout(self, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = A.shape[0]
+        return B.reshape(self.out_features, r, 1, 1), A.reshape((r,) + tuple(self.weight_shape[1:]))
+
+
+def layer_of(name: str, module: nn.Module) -> LinearLayer:
+    """The kind of layer `module` is (AdapterError for a module that cannot be merged)."""
+    if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
+        raise AdapterError(f"module {name} already carries a PEFT adapter; pass the base model without adapters "
+                           "(e.g. peft_model.unload() or a freshly loaded model).")
+    shape = tuple(module.weight.shape)
+    if isinstance(module, nn.Linear):
+        return LinearLayer(shape, module.out_features, module.in_features)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise AdapterError(f"module {name}: grouped Conv2d (groups={module.groups}) is not supported.")
+        if module.padding_mode != "zeros":
+            raise AdapterError(f"module {name}: Conv2d padding_mode={module.padding_mode!r} is not supported.")
+        out, cin, kh, kw = shape
+        return Conv2dLayer(shape, out, cin * kh * kw, tuple(module.kernel_size), tuple(module.stride),
+                           _conv_padding(name, module), tuple(module.dilation))
+    if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:  # transformers' GPT-2 layer, weight (in, out)
+        cin, out = shape
+        return Conv1DLayer(shape, out, cin)
+    raise AdapterError(f"module {name} is a {type(module).__name__}; only Linear, Conv2d and GPT-2 Conv1D layers "
+                       "can be merged (embedding LoRAs are not supported).")
 
 
 class Target:
@@ -44,10 +154,7 @@ class Target:
 
     def __init__(self, name: str, module: nn.Module, model: nn.Module | None = None):
         self.name, self.module = name, module
-        self.info = _layer_info(name, module)
-        if self.info.kind == "conv2d":
-            self._unfold = dict(kernel_size=module.kernel_size, dilation=module.dilation,
-                                padding=_conv_padding(name, module), stride=module.stride)
+        self.layer = layer_of(name, module)
         # The module itself, then its ancestors from the nearest: (its name relative to the owner + ".", owner).
         self._owners = [("", module)]
         if model is not None:
@@ -58,18 +165,12 @@ class Target:
         if module.weight.device.type == "meta" and not any(self._weight_stores()):
             raise self._no_store_error()
 
-    @property
-    def conv_arguments(self) -> dict:
-        """stride, padding, dilation of a Conv2d target (for F.conv2d)."""
-        return {k: v for k, v in self._unfold.items() if k != "kernel_size"}
-
     def weight_matrix(self) -> torch.Tensor:
         """W0 as a float64 (out, in_flat) matrix, read from accelerate's offload store when it is not in memory."""
         w = self.module.weight
         if w.device.type == "meta":
             w = self._offloaded_weight()
-        w = w.detach().double()
-        return w.T if self.info.kind == "conv1d" else w.reshape(self.info.out_features, -1)
+        return self.layer.matrix(w.detach().double())
 
     def _weight_stores(self):
         """(key of this module's weight, accelerate weights_map) for every offload store above or on the module."""
@@ -92,6 +193,16 @@ class Target:
                             "holds it; load the model with real weights, or with device_map=... (and "
                             "offload_folder) so that accelerate can load them.")
 
+    @torch.no_grad()
+    def write(self, w0: torch.Tensor, delta: torch.Tensor | None) -> None:
+        """weight := W0 + ΔW, summed in float32 (ΔW (out, in_flat) or in the weight's layout; None: W0 itself).
+        The one writer of W0 + ΔW: WeightWriter and MergeResult.apply_to both write through it."""
+        if delta is None:
+            self.module.weight.copy_(w0)
+            return
+        new = w0.float() + self.layer.to_weight_layout(delta).to(w0.device, torch.float32)
+        self.module.weight.copy_(new.to(w0.dtype))
+
     @property
     def offloaded(self) -> bool:
         """True when the weight lives outside the module (accelerate offload: the parameter is on meta)."""
@@ -106,19 +217,36 @@ class Target:
                 if getattr(hook, "offload", False) and any(p.device.type == "meta" for p in owner.parameters()):
                     hook.pre_forward(owner)
 
-    @property
-    def row_signature(self) -> tuple:
-        """Two modules reading the same tensor share their Grams when their signatures agree."""
-        return (self.info.kind, self.info.in_features, tuple(sorted(getattr(self, "_unfold", {}).items())))
 
-    def rows(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's input as rows (n, in_flat). `keep` is a (batch, seq) bool mask of real positions."""
-        if self.info.kind == "conv2d":
-            patches = F.unfold(x, **self._unfold)  # (batch, in·kh·kw, positions)
-            return patches.transpose(1, 2).reshape(-1, self.info.in_features)
-        if keep is not None:
-            x = x[keep] if x.dim() > 2 else x[keep.reshape(-1)]
-        return x.reshape(-1, self.info.in_features)
+
+class TargetHooks:
+    """Hooks made by `_hook(name, target)` on every target: forward hooks, or forward pre-hooks when `pre`; removed
+    on exit. DeltaHooks, features.Capture and the sweep's stops are the three kinds."""
+
+    pre = False
+
+    def __init__(self, targets: dict[str, Target]):
+        self.targets, self._handles = targets, []
+
+    def __enter__(self):
+        for name, target in self.targets.items():
+            register = target.module.register_forward_pre_hook if self.pre else target.module.register_forward_hook
+            self._handles.append(register(self._hook(name, target), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def _hook(self, name: str, target: Target):
+        raise NotImplementedError
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input x a hook sees: the first positional argument, else the first tensor keyword argument."""
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
 def _accelerate_hooks(module: nn.Module) -> list:
@@ -126,26 +254,6 @@ def _accelerate_hooks(module: nn.Module) -> list:
     if hook is None:
         return []
     return list(getattr(hook, "hooks", [hook]))  # a SequentialHook holds several
-
-
-def _layer_info(name: str, module: nn.Module) -> LayerInfo:
-    if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
-        raise AdapterError(f"module {name} already carries a PEFT adapter; pass the base model without adapters "
-                           "(e.g. peft_model.unload() or a freshly loaded model).")
-    if isinstance(module, nn.Linear):
-        return LayerInfo("linear", tuple(module.weight.shape), module.out_features, module.in_features)
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise AdapterError(f"module {name}: grouped Conv2d (groups={module.groups}) is not supported.")
-        if module.padding_mode != "zeros":
-            raise AdapterError(f"module {name}: Conv2d padding_mode={module.padding_mode!r} is not supported.")
-        out, cin, kh, kw = module.weight.shape
-        return LayerInfo("conv2d", tuple(module.weight.shape), out, cin * kh * kw)
-    if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:  # transformers' GPT-2 layer, weight (in, out)
-        cin, out = module.weight.shape
-        return LayerInfo("conv1d", tuple(module.weight.shape), out, cin)
-    raise AdapterError(f"module {name} is a {type(module).__name__}; only Linear, Conv2d and GPT-2 Conv1D layers "
-                       "can be merged (embedding LoRAs are not supported).")
 
 
 def _conv_padding(name: str, module: nn.Conv2d):
@@ -201,11 +309,7 @@ class WeightWriter:
                 w0, delta = self.originals[name], deltas.get(name)
                 if hasattr(delta, "delta"):  # a LoraLayer: build its ΔW only while writing it
                     delta = delta.delta()
-                if delta is None:
-                    target.module.weight.copy_(w0)
-                else:
-                    new = w0.float() + target.info.to_weight_layout(delta).to(w0.device, torch.float32)
-                    target.module.weight.copy_(new.to(w0.dtype))
+                target.write(w0, delta)
 
     def __enter__(self):
         return self

@@ -147,7 +147,7 @@ def test_seq2seq_calibration_teacher_forces_every_real_label_position(t5_base):
     modules = dict(model.named_modules())
     names = ["decoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.1.EncDecAttention.q",
              "encoder.block.0.layer.0.SelfAttention.q"]
-    grams = gram_pass(model, {n: Target(n, modules[n]) for n in names}, batches, encoder_decoder=True)
+    grams = gram_pass(model, {n: Target(n, modules[n]) for n in names}, batches)
     decoder_rows = int((labels != -100).sum())
     assert decoder_rows > 12  # more than one position per sample
     assert grams.rows[grams.group_of(names[0])] == decoder_rows == grams.rows[grams.group_of(names[1])]

@@ -107,7 +107,7 @@ def test_t5_decoder_features_come_from_every_real_target_position():
     modules = dict(model.named_modules())
     names = ["decoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.2.DenseReluDense.wo",
              "decoder.block.0.layer.1.EncDecAttention.k", "encoder.block.0.layer.0.SelfAttention.q"]
-    grams = gram_pass(model, {n: Target(n, modules[n]) for n in names}, batches, encoder_decoder=True)
+    grams = gram_pass(model, {n: Target(n, modules[n]) for n in names}, batches)
     decoder_rows = sum(int((b["labels"] != -100).sum()) for b in batches)
     encoder_rows = sum(int(b["attention_mask"].sum()) for b in batches)
     assert decoder_rows > len(batches) * batches[0]["labels"].shape[0]  # more than one position per sequence
@@ -229,7 +229,7 @@ def test_history_records_weights_objective_drift(tmp_path):
     result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=3, progress=False)
     first, last = result.history[0], result.history[-1]
     name = next(iter(result.deltas))
-    assert len(first.weights[name]) == 2 and all(w > 0 for w in first.weights[name])
+    assert len(first.lambdas[name]) == 2 and all(w > 0 for w in first.lambdas[name])
     assert first.merged_objective is None and last.merged_objective is not None
     assert all(d == pytest.approx(0, abs=1e-9) for d in first.drift[name])
     deep = list(result.deltas)[-1]

@@ -306,7 +306,7 @@ def test_8_dataloader_batches_of_one_tensor_are_accepted(tmp_path):
     ({"alpha": float("inf")}, "alpha must be a finite number"), ({"alpha": float("nan")}, "alpha must be a finite"),
     ({"alpha": "1e-4"}, "alpha must be a finite number"),
     ({"weights": [1.0, -1.0]}, "must be >= 0.*task_arithmetic"), ({"weights": [float("nan"), 1.0]}, "finite"),
-    ({"weights": [0.0, 0.0]}, "all weights are 0"), ({"weights": "11"}, "list of 2 numbers")])
+    ({"weights": [0.0, 0.0]}, "all weights are 0"), ({"weights": "11"}, "list of numbers, one per adapter")])
 def test_8_bad_alpha_and_weights(case, kwargs, match):
     with pytest.raises(IterisError, match=match):
         merge(case.model, case.adapters, case.calibration, method="iteris", **kwargs)

@@ -27,7 +27,7 @@ def assert_sweep_is_the_fixed_point(model, adapters, calibration, **kwargs):
     (record,) = sweep.history
     last = jacobi.history[-1]
     for name in jacobi.deltas:
-        assert record.weights[name] == pytest.approx(last.weights[name], rel=1e-9)
+        assert record.lambdas[name] == pytest.approx(last.lambdas[name], rel=1e-9)
         assert record.objective[name] == pytest.approx(last.objective[name], rel=1e-4, abs=1e-7)
         assert record.merged_objective[name] == record.objective[name]
         assert record.drift[name] == pytest.approx(last.drift[name], rel=1e-4, abs=1e-7)

@@ -1,0 +1,135 @@
+"""MergeSettings: every choice of a merge, typed and checked before any work starts.
+
+merge_loras(model, adapters, calibration, **keywords) builds MergeSettings(**keywords); settings=MergeSettings(...)
+passes one set of choices around whole. `resolved(n)` is what the loop runs with: RegMean is one solve with λ = 1
+and α = 0 (chapter 01), the sweep is one pass (chapter 03), and the per-task weights get their default.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Sequence, get_args
+
+import torch
+
+from .errors import IterisError
+from .objective import LambdaVariant
+
+Method = Literal["iteris", "regmean", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                 "magnitude_prune", "cat"]
+Schedule = Literal["jacobi", "sweep"]
+ModulePolicy = Literal["error", "intersection", "union"]
+GramDtype = Literal["float32", "float64"]
+METHODS = get_args(Method)
+SOLVED = ("iteris", "regmean")  # the methods that need calibration data; the others are data-free (baselines.py)
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """method:      "iteris" | "regmean" | "linear" | "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" |
+                 "magnitude_prune" | "cat".
+    schedule:    (iteris) "jacobi": the paper's loop, `max_iter` solves of every layer, each from a fresh pass of
+                 the previous merge; "sweep": the loop's fixed point in one pass (each layer solved as soon as the
+                 merged model's inputs for it exist; see iteris_lab.sweep) — what Jacobi reaches after J solves on
+                 a chain of J adapted layers, at about the cost of RegMean.
+    max_iter:    number of solves (iteris, jacobi). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
+    adaptive_weights: λ_i variant: "official" (default, as the authors' code: W0 + ΔW_i in both norms),
+                 "paper" (ΔW_i only) or "none".
+    weights:     the user's weight of each task: a multiplier on λ_i for iteris and regmean (the official code's
+                 manual coefficients), the mixing weight for the data-free methods (default 1/N for linear,
+                 1 otherwise).
+    density:     kept fraction for ties / dare / magnitude_prune. regmean_shrink: RegMean's off-diagonal
+                 scale in [0, 1] (method="regmean" only; alpha is not used there).
+    modules:     the policy when adapters adapt different modules: "error" (default), "intersection" or "union"
+                 (a task that does not adapt a layer asks for ΔW = 0 there).
+    tol:         stop early when every layer's relative change falls below tol (jacobi).
+    seed:        DARE's random drops.
+    gram_dtype:  "float32" (default) or "float64": the precision the statistics XᵀX̃ are summed in. Solves are
+                 always float64; float64 statistics matter when α is tiny (≤ 1e-6) and a layer sees fewer
+                 rows than inputs (rank-deficient Grams, the paper's Flan-T5 setting).
+    """
+
+    method: Method = "iteris"
+    schedule: Schedule = "jacobi"
+    max_iter: int = 10
+    alpha: float = 1e-4
+    adaptive_weights: LambdaVariant = "official"
+    density: float = 0.5
+    regmean_shrink: float = 0.9
+    modules: ModulePolicy = "error"
+    tol: float | None = None
+    seed: int = 0
+    gram_dtype: GramDtype = "float32"
+    weights: Sequence[float] | None = None
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("schedule", Schedule), ("adaptive_weights", LambdaVariant),
+                              ("modules", ModulePolicy)):
+            choices = allowed if isinstance(allowed, tuple) else get_args(allowed)
+            if getattr(self, name) not in choices:
+                raise IterisError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}.")
+        dtype = str(self.gram_dtype).removeprefix("torch.")  # torch.float64 is accepted too
+        if dtype not in get_args(GramDtype):
+            raise IterisError(f"gram_dtype must be one of {get_args(GramDtype)}, got {self.gram_dtype!r}.")
+        object.__setattr__(self, "gram_dtype", dtype)
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise IterisError(f"max_iter must be a positive integer (the number of solves), got {self.max_iter!r}.")
+        if not _finite(self.alpha) or self.alpha < 0:
+            raise IterisError(f"alpha must be a finite number >= 0 (the paper uses <= 1e-4), got {self.alpha!r}.")
+        if not _finite(self.density) or not 0 < self.density <= 1:
+            raise IterisError(f"density must be in (0, 1] (the kept fraction of each ΔW_i), got {self.density!r}.")
+        if not _finite(self.regmean_shrink) or not 0 <= self.regmean_shrink <= 1:
+            raise IterisError(f"regmean_shrink must be in [0, 1] (1 keeps the Grams as they are), "
+                              f"got {self.regmean_shrink!r}.")
+        if self.tol is not None and (not _finite(self.tol) or self.tol < 0):
+            raise IterisError(f"tol must be None (run every solve) or a number >= 0, got {self.tol!r}.")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", self._checked_weights(self.weights))
+
+    def _checked_weights(self, weights) -> tuple[float, ...]:
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise IterisError(f"weights must be a list of numbers, one per adapter; got {weights!r}.")
+        if not all(_finite(w) for w in weights):
+            raise IterisError(f"weights must be finite numbers, got {list(weights)}.")
+        weights = tuple(float(w) for w in weights)
+        if not any(weights):
+            raise IterisError(f"all weights are 0 ({list(weights)}): the merge would be ΔW = 0, the base model. "
+                              "Give at least one adapter a non-zero weight.")
+        if self.method in SOLVED and min(weights) < 0:
+            raise IterisError(f"weights multiply the per-task terms λ_i of the {self.method} objective and must be "
+                              f">= 0, got {list(weights)}; for task negation use method='task_arithmetic'.")
+        return weights
+
+    @property
+    def gram_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.gram_dtype)
+
+    @property
+    def shrink(self) -> float:
+        """The off-diagonal scale applied to every statistic: RegMean's own regularizer, 1 for the other methods."""
+        return self.regmean_shrink if self.method == "regmean" else 1.0
+
+    def resolved(self, n_tasks: int) -> MergeSettings:
+        """The settings the merge of `n_tasks` adapters runs with (these are recorded in MergeResult.settings)."""
+        weights = self.weights
+        if weights is None:
+            weights = (1.0 / n_tasks if self.method == "linear" else 1.0,) * n_tasks
+        elif len(weights) != n_tasks:
+            raise IterisError(f"got {len(weights)} weights for {n_tasks} adapters; give one weight per adapter.")
+        settings = replace(self, weights=weights)
+        if self.method == "regmean":
+            settings = replace(settings, max_iter=1, adaptive_weights="none", alpha=0.0, schedule="jacobi")
+        if settings.schedule == "sweep":
+            settings = replace(settings, max_iter=1, tol=None)
+        return settings
+
+    def record(self) -> dict:
+        """The settings as a JSON-ready dict (weights as a list)."""
+        record = asdict(self)
+        record["weights"] = None if self.weights is None else list(self.weights)
+        return record
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
