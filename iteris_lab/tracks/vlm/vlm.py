@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...paths import data_dir, missing_data
+from ...rows import ROW_RULES, RowRule
 
 VLM_DIR = data_dir() / "vlm"
 BASE_DIR = VLM_DIR / "base"
@@ -190,12 +191,17 @@ def caption_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+# The language model's statistics count the rows batch["text_mask"] marks (text tokens) when a batch has one.
+TEXT_ROWS = RowRule(r"(^|\.)language_model\.", ("text_mask", "attention_mask"))
+if TEXT_ROWS not in ROW_RULES:
+    ROW_RULES.insert(0, TEXT_ROWS)
+
+
 def calibration_forward(model, batch: dict[str, torch.Tensor]):
-    """Forward for merge calibration. The engine selects Gram rows with batch["attention_mask"] (which may be a
-    text-only mask); the model always attends with the real mask in batch["model_attention_mask"] if present."""
-    mask = batch.get("model_attention_mask", batch["attention_mask"])
-    return _llava(model)(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=mask,
-                         logits_to_keep=1)
+    """Forward for merge calibration: the model attends with batch["attention_mask"]; the merge's statistics take
+    their rows from batch["text_mask"] when there is one (TEXT_ROWS)."""
+    return _llava(model)(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                         attention_mask=batch["attention_mask"], logits_to_keep=1)
 
 
 @torch.no_grad()
