@@ -106,6 +106,10 @@ def main() -> int:
                   (RESULTS / "vlm.md").read_text().split("\n", 1)[1].strip(), ""]
     if (RESULTS / "diffusion.json").is_file():
         parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
+    if (RESULTS / "study.json").is_file():  # chapter 06's task-count study, rendered by benchmarks/study_md.py
+        from study_md import task_count_section
+
+        parts.append(task_count_section(json.loads((RESULTS / "study.json").read_text())))
     if notes.is_file():
         parts.append(notes.read_text())
     (ROOT / "docs" / "results.md").write_text("\n".join(parts))

@@ -1,0 +1,78 @@
+"""The task-count section of docs/results.md, rendered from benchmarks/results/study.json (chapter 06's study).
+
+    python benchmarks/study_md.py        # prints the section; benchmarks/results_md.py includes it
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "benchmarks" / "results" / "study.json"
+LABELS = {"linear": "linear", "task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean",
+          "iteris_sweep": "IterIS (sweep)"}
+
+
+def _by(rows, *keys):
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+def task_count_section(study: dict) -> str:
+    part = study["tasks"]
+    rows, order, cfg = part["rows"], part["order"], part["config"]
+    labels = [m for m in LABELS if any(r["label"] == m for r in rows)]
+    ks = sorted({r["k"] for r in rows})
+    by = _by(rows, "k", "label")
+    env = part["environment"]
+    lines = ["## Task count: merging 2 to 6 SmolLM2 LoRAs (chapter 06's study)", "",
+             f"`python benchmarks/study.py --part tasks` ({part['seconds'] / 60:.0f} min on {part['torch_threads']} "
+             f"thread, {env['device']}, load average {part['load_average_start'][0]:.1f} at the start and "
+             f"{part['load_average_end'][0]:.1f} at the end, {part['finished']}). Merges of the first k tasks of "
+             f"the order {', '.join(f'`{t}`' for t in order)}; the first {cfg['limit']} test examples per task; "
+             f"{cfg['samples']} calibration samples per task for RegMean and IterIS; IterIS with the sweep schedule "
+             f"and the benchmark's validated settings (alpha={part['iteris_settings']['alpha']}, "
+             f"adaptive_weights={part['iteris_settings']['adaptive_weights']}). `subtraction`, `larger` (largest of "
+             "three two-digit numbers) and `parity` (even / odd) are generated tasks made for this study "
+             "(`iteris_lab.tracks.llm.tasks.smollm2_more_tasks`); own-LoRA and base accuracy on the same examples:", "",
+             "| | " + " | ".join(order) + " |", "|---|" + "---|" * len(order),
+             "| own LoRA | " + " | ".join(f"{part['own'][t]:.2f}" for t in order) + " |",
+             "| base | " + " | ".join(f"{part['base'][t]:.2f}" for t in order) + " |", "",
+             "Mean normalized accuracy over the k merged tasks:", "",
+             "| k | task added | " + " | ".join(LABELS[m] for m in labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for k in ks:
+        cells = []
+        for m in labels:
+            cells.append(f"{by[(k, m)]['mean_normalized']:.3f}" if (k, m) in by else "not run")
+        lines.append(f"| {k} | {order[k - 1]} | " + " | ".join(cells) + " |")
+    k_max = ks[-1]
+    lines += ["", f"Normalized accuracy per task with all {k_max} tasks merged:", "",
+              "| method | " + " | ".join(order[:k_max]) + " |", "|---|" + "---|" * k_max]
+    for m in labels:
+        if (k_max, m) in by:
+            norm = by[(k_max, m)]["normalized"]
+            lines.append(f"| {LABELS[m]} | " + " | ".join(f"{norm[t]:.2f}" for t in order[:k_max]) + " |")
+    lines += ["", *reading(part, labels, ks), ""]
+    return "\n".join(lines)
+
+
+def reading(part: dict, labels, ks) -> list[str]:
+    """Sentences whose every number is read from the JSON (the prose around them is in study_notes below)."""
+    by = _by(part["rows"], "k", "label")
+    first, last = ks[0], ks[-1]
+    drops = ", ".join(f"{LABELS[m]} {by[(first, m)]['mean_normalized']:.3f} → {by[(last, m)]['mean_normalized']:.3f}"
+                      for m in labels if (first, m) in by and (last, m) in by)
+    gaps = ", ".join(f"k={k}: {by[(k, 'iteris_sweep')]['mean_normalized'] - by[(k, 'regmean')]['mean_normalized']:+.3f}"
+                     for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
+    limit = part["config"]["limit"]
+    return [f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
+            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy, so a difference "
+            f"of a few hundredths in a mean over k tasks is within the noise of these test subsets."]
+
+
+def main() -> int:
+    print(task_count_section(json.loads(STUDY.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Chapter 06's study: how a merge's accuracy depends on calibration samples, α, solves, λ and the task count.
+
+Every measurement here is one merge of shipped LoRAs (merge_loras) followed by the benchmarks' evaluation
+(tracks.llm.evaluate: label-word likelihood or greedy exact match), on the same test splits:
+
+- samples:  accuracy against unlabeled calibration samples per task (RegMean and the IterIS sweep), several seeded
+            draws of the samples per size;
+- alpha:    IterIS (sweep) against α of α‖M‖_F·I;
+- solves:   the paper's Jacobi loop, solve 1..K, against the sweep (its fixed point): relative Frobenius distance
+            ‖ΔW_t − ΔW*‖ / ‖ΔW*‖ over all layers, and accuracy after each solve;
+- weights:  the λ variants "official", "paper" and "none";
+- tasks:    the number of merged tasks, 2 → N, on nested subsets of a fixed task order.
+
+Accuracies are on the test split, limited to the first `limit` examples per task; the study compares settings, it
+selects none (the benchmark chose its IterIS settings on validation). Normalized = merged / the task's own LoRA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ...adapters import load_adapter
+from ...measure import weights_added
+from ...merge import merge_loras
+from ...paths import data_dir, missing_data
+from .tasks import calibration_batches, load_tasks
+
+
+@dataclasses.dataclass
+class StudyModel:
+    """A model with the tasks under study, their LoRA folders (and, for MiniLM, each task's head)."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    tasks: dict
+    adapters: dict[str, str]
+    heads: dict | None
+    max_length: int
+
+    def evaluate(self, limit: int | None, split: str = "test") -> dict[str, float]:
+        """{task: accuracy} of the model as its weights stand now, on the first `limit` examples of `split`."""
+        from .evaluate import evaluate_tasks
+
+        return evaluate_tasks(self.model, self.tokenizer, self.tasks, heads=self.heads, split=split, limit=limit,
+                              max_length=self.max_length, progress=False)
+
+
+def study_track(model: str, names=None, adapter_root=None) -> StudyModel:
+    """`model` ("minilm" | "smollm2") with its benchmark tasks, or with the tasks `names` (which may include the
+    extra SmolLM2 tasks of tasks.smollm2_more_tasks), and their LoRAs from data/adapters/<model>/<task>."""
+    from .evaluate import load_head
+    from .models import load_minilm, load_smollm2
+
+    tasks = load_tasks(model, names)
+    root = Path(adapter_root or data_dir() / "adapters") / model
+    adapters = {t: str(root / t) for t in tasks}
+    missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
+    if missing:
+        raise missing_data(missing[0], "trained LoRA", f"scripts/train_loras.py --model {model}")
+    recipe = json.loads(Path(next(iter(adapters.values())), "recipe.json").read_text())
+    if model == "minilm":
+        net, tokenizer = load_minilm(num_labels=len(next(iter(tasks.values())).labels))
+        heads = {t: load_head(a) for t, a in adapters.items()}
+    else:
+        net, tokenizer = load_smollm2()
+        heads = None
+    return StudyModel(model, net, tokenizer, tasks, adapters, heads, int(recipe.get("max_length", 128)))
+
+
+def subset(track: StudyModel, names) -> StudyModel:
+    """The same model with only the tasks `names` (in that order)."""
+    names = list(names)
+    heads = {t: track.heads[t] for t in names} if track.heads else None
+    return dataclasses.replace(track, tasks={t: track.tasks[t] for t in names},
+                               adapters={t: track.adapters[t] for t in names}, heads=heads)
+
+
+def own_accuracy(track: StudyModel, limit: int | None) -> dict[str, float]:
+    """Each task's accuracy under its own LoRA (the normalizer), and the base model's, on the test split."""
+    own = {}
+    for task, path in track.adapters.items():
+        with weights_added(track.model, load_adapter(path).layers):
+            own[task] = subset(track, [task]).evaluate(limit)[task]
+    return own
+
+
+def calibration(track: StudyModel, samples: int, seed: int = 0, batch_size: int = 16) -> list[list[dict]]:
+    """Per task, `samples` unlabeled prompts of its train split (seeded draw), in batches."""
+    return [calibration_batches(task, track.tokenizer, n=samples, batch_size=batch_size, max_length=track.max_length,
+                                seed=seed) for task in track.tasks.values()]
+
+
+def score(track: StudyModel, deltas: dict, limit: int | None, own: dict[str, float]) -> dict:
+    """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds."""
+    start = time.perf_counter()
+    with weights_added(track.model, deltas):
+        accuracy = track.evaluate(limit)
+    norm = {t: accuracy[t] / own[t] if own[t] > 0 else float("nan") for t in accuracy}
+    return {"accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+            "normalized": norm, "mean_normalized": sum(norm.values()) / len(norm),
+            "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def merge_row(track: StudyModel, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,
+              batch_size: int = 16, **settings) -> dict:
+    """One merge of the track's LoRAs, scored: settings, merge seconds and the score() fields."""
+    batches = calibration(track, samples, seed, batch_size) if samples else None
+    result = merge_loras(track.model, list(track.adapters.values()), batches, method=method, progress=False,
+                         **settings)
+    return {"method": method, "samples": samples, "seed": seed, "tasks": list(track.tasks), **settings,
+            "merge_seconds": round(result.seconds, 2), **score(track, result.deltas, limit, own)}
+
+
+def relative_distance(deltas: dict, reference: dict) -> float:
+    """‖ΔW − ΔW*‖_F / ‖ΔW*‖_F over all layers together."""
+    num = sum(float((deltas[k].double() - reference[k].double()).pow(2).sum()) for k in reference)
+    den = sum(float(reference[k].double().pow(2).sum()) for k in reference)
+    return (num / den) ** 0.5
+
+
+def solves_rows(track: StudyModel, own: dict, limit: int | None, samples: int, max_iter: int, seed: int = 0,
+                batch_size: int = 16, **settings) -> dict:
+    """The Jacobi loop's solves 1..max_iter next to the sweep: distance to the sweep's ΔW and accuracy per solve."""
+    batches = calibration(track, samples, seed, batch_size)
+    adapters = list(track.adapters.values())
+    sweep = merge_loras(track.model, adapters, batches, method="iteris", schedule="sweep", progress=False, **settings)
+    per_solve = []
+    jacobi = merge_loras(track.model, adapters, batches, method="iteris", schedule="jacobi", max_iter=max_iter,
+                         progress=False, on_iteration=lambda rec, d: per_solve.append({k: v.clone() for k, v in d.items()}),
+                         **settings)
+    rows = []
+    for t, (deltas, record) in enumerate(zip(per_solve, jacobi.history), start=1):
+        rows.append({"solve": t, "distance_to_fixed_point": relative_distance(deltas, sweep.deltas),
+                     "max_change": max(record.change.values()), "mean_objective": record.mean_objective(),
+                     **score(track, deltas, limit, own)})
+    return {"samples": samples, "seed": seed, **settings, "jacobi_seconds": round(jacobi.seconds, 2),
+            "sweep_seconds": round(sweep.seconds, 2), "per_solve": rows,
+            "sweep": score(track, sweep.deltas, limit, own)}
+
+
+def nested_subsets(order, smallest: int = 2) -> list[list[str]]:
+    """[order[:2], order[:3], ..., order]: each subset adds one task to the previous one."""
+    return [list(order[:k]) for k in range(smallest, len(order) + 1)]

@@ -1,0 +1,85 @@
+"""Chapter 06's extra SmolLM2 tasks, the study helpers and its figures (on a made-up study, no model)."""
+import pytest
+import torch
+
+from iteris_lab.tracks.llm import study
+from iteris_lab.tracks.llm.tasks import load_tasks, smollm2_more_tasks
+
+EXTRA = ("subtraction", "larger", "parity")
+
+
+def test_the_default_smollm2_track_keeps_its_three_tasks_and_the_extra_ones_load_by_name():
+    assert list(load_tasks("smollm2")) == ["sentiment", "topic", "addition"]
+    assert list(load_tasks("smollm2", ["parity", "addition"])) == ["parity", "addition"]
+    with pytest.raises(ValueError, match="unknown smollm2 task"):
+        load_tasks("smollm2", ["division"])
+
+
+@pytest.mark.parametrize("name", EXTRA)
+def test_extra_task_splits_do_not_share_an_input(name):
+    task = smollm2_more_tasks()[name]
+    texts = [{ex.text for ex in task.split(s)} for s in ("train", "val", "test")]
+    assert all(len(t) == len(task.split(s)) for t, s in zip(texts, ("train", "val", "test")))
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+
+
+def test_extra_task_answers_are_right():
+    tasks = smollm2_more_tasks()
+    for ex in tasks["subtraction"].train[:200]:
+        a, b = map(int, ex.text.split(" - "))
+        assert int(ex.answer) == a - b >= 0
+    for ex in tasks["larger"].train[:200]:
+        numbers = [int(x) for x in ex.text.split(", ")]
+        assert len(set(numbers)) == 3 and int(ex.answer) == max(numbers)
+    parity = tasks["parity"]
+    for ex in parity.train:
+        assert parity.labels[ex.label] == ex.answer == ("even", "odd")[int(ex.text) % 2]
+    share_even = sum(ex.label == 0 for ex in parity.test) / len(parity.test)
+    assert 0.35 < share_even < 0.65
+
+
+def test_extra_tasks_are_seeded():
+    a, b, c = smollm2_more_tasks(0), smollm2_more_tasks(0), smollm2_more_tasks(1)
+    assert a["larger"].test == b["larger"].test
+    assert a["larger"].test != c["larger"].test
+
+
+def test_nested_subsets_add_one_task_at_a_time():
+    subsets = study.nested_subsets("abcd")
+    assert subsets == [["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"]]
+
+
+def test_relative_distance_is_the_frobenius_ratio_over_all_layers():
+    ref = {"x": torch.ones(2, 2), "y": torch.zeros(3)}
+    moved = {"x": torch.ones(2, 2), "y": torch.tensor([0.0, 2.0, 0.0])}
+    assert study.relative_distance(ref, ref) == 0.0
+    assert study.relative_distance(moved, ref) == pytest.approx(1.0)  # ‖(0, 2)‖ / ‖four ones‖ = 2 / 2
+
+
+def _fake_tasks_study():
+    order = ["a", "b", "c"]
+    rows = []
+    for k in (2, 3):
+        for label, score in (("linear", 0.9 - 0.1 * k), ("iteris_sweep", 0.95)):
+            acc = {t: score for t in order[:k]}
+            rows.append({"label": label, "k": k, "accuracy": acc, "normalized": acc, "mean_accuracy": score,
+                         "mean_normalized": score})
+    return {"model": "toy", "order": order, "own": dict.fromkeys(order, 1.0), "base": dict.fromkeys(order, 0.2),
+            "rows": rows}
+
+
+def test_task_count_figure_draws_one_line_per_method_and_each_control_changes_it():
+    from iteris_lab.viz.study import plot_task_count, task_count_widget
+
+    data = _fake_tasks_study()
+    fig = plot_task_count(data)
+    ax = fig.axes[0]
+    assert {line.get_label() for line in ax.get_lines()} >= {"linear (average)", "IterIS (sweep)"}
+    assert ax.get_legend() is not None and ax.get_xlabel() and ax.get_ylabel()
+    widget = task_count_widget(data)
+    first = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
+    widget.children[0].children[0].value = "c"
+    second = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
+    widget.children[0].children[1].value = False
+    third = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
+    assert first != second != third
