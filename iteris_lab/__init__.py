@@ -9,6 +9,7 @@ from .settings import MergeSettings
 
 __version__ = "0.1.0"
 __all__ = [
-    "merge_loras", "MergeSettings", "MergeResult", "IterationRecord", "METHODS", "load_adapter", "LoraAdapter", "LoraLayer",
-    "ExportReport", "load_lora", "read_diffusers_lora", "read_kohya_lora", "write_diffusers_lora", "IterisError", "AdapterError", "CalibrationError", "SolveError", "ExportError",
+    "merge_loras", "MergeSettings", "MergeResult", "IterationRecord", "METHODS", "load_adapter", "LoraAdapter",
+    "LoraLayer", "ExportReport", "load_lora", "read_diffusers_lora", "read_kohya_lora", "write_diffusers_lora",
+    "IterisError", "AdapterError", "CalibrationError", "SolveError", "ExportError",
 ]

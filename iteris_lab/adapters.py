@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import AdapterError
+from .targets import resolve_names
 
+PEFT_PREFIX = "base_model.model."  # PEFT saves module names under the wrapper's prefix
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
-_PREFIXES = ("base_model.model.",)
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora=True) decomposes magnitude and direction; IterIS merges plain LoRA deltas",
     "lora_bias": "LoRA with a trainable bias (lora_bias=True)",
@@ -76,7 +77,8 @@ def scale_of(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite real number (bool excluded): what every numeric setting and config entry must be."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -85,11 +87,11 @@ def check_config(config: dict, path: Path) -> None:
         raise AdapterError(f"{path}: adapter_config.json holds a {type(config).__name__}, not a JSON object; "
                            "is this a PEFT adapter_config.json?")
     for key in ("lora_alpha", "r"):
-        if key in config and not _is_number(config[key]):
+        if key in config and not is_number(config[key]):
             raise AdapterError(f"{path}: {key} in adapter_config.json is {config[key]!r}; it must be a finite number.")
     for key in ("alpha_pattern", "rank_pattern"):
         patterns = config.get(key) or {}
-        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+        if not isinstance(patterns, dict) or not all(is_number(v) for v in patterns.values()):
             raise AdapterError(f"{path}: {key} in adapter_config.json must map module names to numbers, "
                                f"got {patterns!r}.")
     if config.get("trainable_token_indices"):
@@ -168,9 +170,9 @@ def _split_state(state: dict, config: dict, path: Path) -> tuple[dict[str, LoraL
                                "which IterIS cannot merge; write them into the base model's embedding first.")
         match = _LORA_KEY.match(key)
         if match is None:
-            extra[_strip(key)] = tensor
+            extra[key.removeprefix(PEFT_PREFIX)] = tensor
             continue
-        halves.setdefault(_strip(match["module"]), {})[match["which"]] = tensor
+        halves.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["which"]] = tensor
     return lora_layers(halves, path, lambda module, rank, alpha: scale_of(config, module, rank)), extra
 
 
@@ -188,13 +190,6 @@ def lora_layers(halves: dict, where, scale) -> dict[str, LoraLayer]:
         alpha = float(parts["alpha"]) if "alpha" in parts else None
         layers[module] = LoraLayer(A, B, float(scale(module, A.shape[0], alpha)))
     return layers
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
 
 
 # -- what the adapters of one merge must agree on ---------------------------------------------------------------
@@ -231,8 +226,6 @@ def check_adapters(model, loras: list[LoraAdapter]) -> dict:
 def _without_base_copies(model, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """adapter.extra less the copies of base weights PEFT saves next to an embedding or lm_head LoRA
     (save_embedding_layers: `<module>.base_layer.weight`); a copy that differs from the model's is refused."""
-    from .targets import resolve_names
-
     extra = {}
     for key, tensor in adapter.extra.items():
         module, _, attr = key.rpartition(".base_layer.")
@@ -268,8 +261,6 @@ def _resolve_carried(model, loras, carried: dict[str, torch.Tensor]) -> dict[str
     """{key in the model's state dict: tensor}; refuses a carried module that precedes an adapted one."""
     if not carried:
         return {}
-    from .targets import resolve_names
-
     modules = resolve_names(model, sorted({k.rsplit(".", 1)[0] for k in carried}))
     adapted = {m for a in loras for m in resolve_names(model, a.layers).values()}
     order = {name: k for k, name in enumerate(dict(model.named_modules()))}

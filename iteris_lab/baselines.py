@@ -23,10 +23,6 @@ PRUNED = {
 DATA_FREE = EXACT + tuple(PRUNED)
 
 
-def default_weights(method: str, n: int) -> list[float]:
-    return [1.0 / n] * n if method == "linear" else [1.0] * n
-
-
 def merge_layer(method: str, loras: list[LoraLayer | None], shape: tuple[int, int], weights: list[float],
                 density: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One layer's merged ΔW (out, in_flat) float64, and its exact LoRA factors (B, A) when it has them.

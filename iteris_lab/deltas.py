@@ -50,13 +50,9 @@ class DeltaHooks(TargetHooks):
         key = (id(delta), device, dtype)
         if key not in self._prepared:
             if isinstance(delta, LoraLayer):
-                B, A = delta.factors()
-                tensors = (B, A, delta.scale)
-            elif isinstance(delta, tuple):
-                tensors = (delta[0], delta[1], 1.0)
-            else:
-                tensors = (delta, None, 1.0)
-            B, A, scale = tensors
+                (B, A), scale = delta.factors(), delta.scale
+            else:  # (B, A) with scale 1, or a dense ΔW held in B
+                (B, A), scale = (delta if isinstance(delta, tuple) else (delta, None)), 1.0
             tensors = (B.to(device=device, dtype=dtype), None if A is None else A.to(device=device, dtype=dtype), scale)
             self._prepared[key] = (delta, tensors)
         return self._prepared[key][1]

@@ -49,7 +49,10 @@ def truncate(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch
 
 
 def lora_factors(deltas: dict[str, torch.Tensor], exact: dict, layers: dict[str, LinearLayer], rank: int | None):
-    """{name: (B (out, r), A (r, in_flat), relative error)} for every merged module."""
+    """{name: (B (out, r), A (r, in_flat), relative error)} for every merged module: the exact factors when the
+    merge has them and rank is None, else the truncated SVD (rank None: the numerical rank)."""
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
     out = {}
     for name, delta in deltas.items():
         matrix = delta.reshape(layers[name].matrix_shape())
@@ -93,12 +96,12 @@ def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base
                               f"nothing was written to {directory}. Check the adapters and the base weights for "
                               "non-finite values (and alpha > 0 when calibration rows are few).")
     top = max(ranks.values())
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": top, "lora_alpha": top, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
         "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != top},
-        "alpha_pattern": {re.escape(n): r for n, r in ranks.items() if r != top},
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "fan_in_fan_out": any(layers[n].fan_in_fan_out for n in ranks),
         "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in carried}) if carried else None,
         "init_lora_weights": True, "inference_mode": True,

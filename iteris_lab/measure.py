@@ -7,18 +7,28 @@ from contextlib import contextmanager
 
 import torch
 
-from .targets import Target, WeightWriter, resolve_names
+from .targets import Target, resolve_names
 
 
 @contextmanager
 def weights_added(model, deltas: dict):
-    """Within the block, model weights are W0 + ΔW for {module name: ΔW tensor or LoraLayer}; W0 after."""
+    """Within the block, model weights are W0 + ΔW for {module name: ΔW tensor or LoraLayer}; W0 after, restored
+    exactly even on error. For evaluating a merge at full speed on an in-memory model (the merge itself applies ΔW
+    through hooks and never writes weights)."""
     names = resolve_names(model, deltas)
     modules = dict(model.named_modules())
     targets = {names[k]: Target(names[k], modules[names[k]]) for k in deltas}
-    with WeightWriter(targets) as writer:
-        writer.set({names[k]: v for k, v in deltas.items()})
+    originals = {name: target.module.weight.detach().clone() for name, target in targets.items()}
+    try:
+        for key, delta in deltas.items():
+            if hasattr(delta, "delta"):  # a LoraLayer: build its ΔW only while writing it
+                delta = delta.delta()
+            targets[names[key]].write(originals[names[key]], delta)
         yield model
+    finally:
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.module.weight.copy_(originals[name])
 
 
 class PeakMemory:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import baselines
-from .adapters import LoraAdapter, LoraLayer, load_adapter
+from .adapters import LoraAdapter, LoraLayer, check_adapters, load_adapter
 from .errors import AdapterError, CalibrationError, IterisError
 from .deltas import DeltaHooks
 from .features import Grams, check_coverage, gram_pass, paired_pass
@@ -80,10 +80,8 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
     calibration: per task, an iterable of batches (dicts of model kwargs, or tensors); only for "iteris" and
                  "regmean". `attention_mask` (and `decoder_attention_mask`/`labels`, `encoder_attention_mask`)
                  mark real positions: padding never enters a Gram. Iterables are read into lists.
-    keywords:    the choices of the merge, checked by MergeSettings (method="iteris", schedule="jacobi",
-                 max_iter=10, alpha=1e-4, adaptive_weights="official", density=0.5, regmean_shrink=0.9,
-                 modules="error", tol=None, seed=0, gram_dtype="float32", weights=None; see its docstring), or
-                 settings=MergeSettings(...) instead of them.
+    keywords:    the choices of the merge (method, schedule, max_iter, alpha, adaptive_weights, weights, ...):
+                 the fields of MergeSettings, documented there once; or settings=MergeSettings(...) instead.
     forward:     optional callable forward(model, batch), or a list of them (one per task), used instead of
                  model(**batch) — e.g. teacher forcing or a denoising step.
     on_iteration: optional callable(record, deltas) called after every solve with its IterationRecord and the
@@ -94,39 +92,19 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
     if settings is not None and keywords:
         raise IterisError(f"pass either settings=MergeSettings(...) or keywords ({', '.join(keywords)}), not both.")
     settings = settings if settings is not None else MergeSettings(**keywords)
-    if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
-        raise AdapterError(f"adapters must be a list of adapter folders (or LoraAdapter objects), one per task; got "
-                           f"the single {type(adapters).__name__} {str(getattr(adapters, 'path', adapters))!r}. "
-                           "Pass adapters=[folder_a, folder_b].")
-    loras = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
-    if len(loras) < 2:
-        raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
-    from .adapters import check_adapters  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
-    checked = check_adapters(model, loras)
+    loras = _read_adapters(adapters)
+    checked = check_adapters(model, loras)  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
     layers = _layers(model, loras, settings.modules)
-    n = len(loras)
-    settings = settings.resolved(n)
-    record = settings.record()
-    del record["weights"]
-    record.update(checked)
-    record.update(adapters=[a.path for a in loras], weights=list(settings.weights), layers=len(layers))
-
+    settings = settings.resolved(len(loras))
     if settings.method in baselines.DATA_FREE:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            for layer in layers.values():
-                shape = layer.target.layer.matrix_shape()
-                layer.delta, layer.factors = baselines.merge_layer(settings.method, layer.loras, shape,
-                                                                   list(settings.weights), settings.density)
-        history = []
+        history = _merge_data_free(layers, settings)
     else:
-        batches = _calibration_lists(calibration, n)
-        forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
-        if len(forwards) != n:
-            raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
+        batches, forwards = _calibration(calibration, forward, len(loras))
         run = _sweep if settings.schedule == "sweep" else _iterate
         with _calibration_mode(model):
             history = run(model, layers, batches, forwards, settings, progress, on_iteration)
+    record = {k: v for k, v in settings.record().items() if k != "weights"} | checked | dict(
+        adapters=[a.path for a in loras], weights=list(settings.weights), layers=len(layers))
     return MergeResult(
         method=settings.method,
         deltas=_weight_layout(layers),
@@ -138,6 +116,17 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
         seconds=time.perf_counter() - start,
         base_model=loras[0].config.get("base_model_name_or_path"),
     )
+
+
+def _read_adapters(adapters) -> list[LoraAdapter]:
+    if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
+        raise AdapterError(f"adapters must be a list of adapter folders (or LoraAdapter objects), one per task; got "
+                           f"the single {type(adapters).__name__} {str(getattr(adapters, 'path', adapters))!r}. "
+                           "Pass adapters=[folder_a, folder_b].")
+    loras = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
+    if len(loras) < 2:
+        raise AdapterError(f"merging needs at least two adapters, got {len(loras)}.")
+    return loras
 
 
 def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
@@ -167,21 +156,16 @@ def _layers(model, loras: list[LoraAdapter], policy: str) -> dict[str, _Layer]:
         target = Target(name, modules[name], model)
         loras_here = [p.get(name) for p in per_adapter]
         for adapter, lora in zip(loras, loras_here):
-            _check_shape(adapter, name, lora, target)
+            if lora is not None and not target.layer.fits(lora):
+                raise AdapterError(f"{adapter.path}: module {name} has ΔW of shape "
+                                   f"{tuple(lora.B.shape[:1]) + tuple(lora.A.shape[1:])} but the base layer's weight "
+                                   f"is {target.layer.weight_shape}; was this adapter trained on another base model?")
         layers[name] = _Layer(target, loras_here)
     return layers
 
 
-def _check_shape(adapter: LoraAdapter, name: str, lora: LoraLayer | None, target: Target) -> None:
-    if lora is None:
-        return
-    if not target.layer.fits(lora):
-        raise AdapterError(f"{adapter.path}: module {name} has ΔW of shape {tuple(lora.B.shape[:1]) + tuple(lora.A.shape[1:])} "
-                           f"but the base layer's weight is {target.layer.weight_shape}; "
-                           "was this adapter trained on another base model?")
-
-
-def _calibration_lists(calibration, n: int) -> list[list]:
+def _calibration(calibration, forward, n: int) -> tuple[list[list], list]:
+    """Per task: its batches as a list, and its forward function (None: model(**batch))."""
     if calibration is None:
         raise CalibrationError("iteris and regmean need calibration data: one iterable of batches per adapter.")
     calibration = list(calibration)
@@ -197,7 +181,21 @@ def _calibration_lists(calibration, n: int) -> list[list]:
         if not batches:
             raise CalibrationError(f"task {i}: the calibration data is empty.")
         lists.append(batches)
-    return lists
+    forwards = forward if isinstance(forward, (list, tuple)) else [forward] * n
+    if len(forwards) != n:
+        raise CalibrationError(f"got {len(forwards)} forward functions for {n} adapters.")
+    return lists, forwards
+
+
+def _merge_data_free(layers: dict[str, _Layer], settings: MergeSettings) -> list:
+    """The data-free baselines (baselines.py), layer by layer; DARE's random drops seeded by settings.seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        for layer in layers.values():
+            shape = layer.target.layer.matrix_shape()
+            layer.delta, layer.factors = baselines.merge_layer(settings.method, layer.loras, shape,
+                                                               list(settings.weights), settings.density)
+    return []
 
 
 def _weight_layout(layers: dict[str, _Layer]) -> dict[str, torch.Tensor]:

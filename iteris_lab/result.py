@@ -113,10 +113,8 @@ class MergeResult:
         """Write a PEFT LoRA folder (with the task_type the adapters agree on and any carried modules_to_save).
 
         An existing `directory` is replaced only with overwrite=True and only when it is an adapter folder (it has
-        adapter_config.json); the swap is atomic (export.replace_folder). rank=None: the exact factors (rank Σ r_i) when the merge has them, else the
-        SVD at numerical rank; an int: truncated SVD at that rank (see ExportReport.relative_error)."""
-        if rank is not None and rank < 1:
-            raise ValueError(f"rank must be a positive integer or None, got {rank!r}.")
+        adapter_config.json); the swap is atomic (export.replace_folder). rank: as export.lora_factors (None: the
+        exact factors of rank Σ r_i when the merge has them; an int: truncated SVD, see ExportReport.relative_error)."""
         factors = lora_factors(self.deltas, self.factors, self.layers, rank)
         return write_adapter(directory, factors, self.layers, self.base_model, overwrite, self.task_type,
                              self.extra.get("carried"))

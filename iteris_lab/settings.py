@@ -6,13 +6,12 @@ and α = 0 (chapter 01), the sweep is one pass (chapter 03), and the per-task we
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Sequence, get_args
 
 import torch
 
+from .adapters import is_number
 from .errors import IterisError
 from .objective import LambdaVariant
 
@@ -23,6 +22,12 @@ ModulePolicy = Literal["error", "intersection", "union"]
 GramDtype = Literal["float32", "float64"]
 METHODS = get_args(Method)
 SOLVED = ("iteris", "regmean")  # the methods that need calibration data; the others are data-free (baselines.py)
+_RANGES = {  # the numbers checked up front: name -> (test, what the value must be)
+    "alpha": (lambda v: v >= 0, "a finite number >= 0 (the paper uses <= 1e-4)"),
+    "density": (lambda v: 0 < v <= 1, "in (0, 1] (the kept fraction of each ΔW_i)"),
+    "regmean_shrink": (lambda v: 0 <= v <= 1, "in [0, 1] (1 keeps the Grams as they are)"),
+    "tol": (lambda v: v >= 0, "None (run every solve) or a number >= 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,33 +69,28 @@ class MergeSettings:
     weights: Sequence[float] | None = None
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("schedule", Schedule), ("adaptive_weights", LambdaVariant),
+        for name, allowed in (("method", Method), ("schedule", Schedule), ("adaptive_weights", LambdaVariant),
                               ("modules", ModulePolicy)):
-            choices = allowed if isinstance(allowed, tuple) else get_args(allowed)
-            if getattr(self, name) not in choices:
-                raise IterisError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}.")
+            value, choices = getattr(self, name), get_args(allowed)
+            if value not in choices:
+                raise IterisError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.")
         dtype = str(self.gram_dtype).removeprefix("torch.")  # torch.float64 is accepted too
         if dtype not in get_args(GramDtype):
             raise IterisError(f"gram_dtype must be one of {get_args(GramDtype)}, got {self.gram_dtype!r}.")
         object.__setattr__(self, "gram_dtype", dtype)
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise IterisError(f"max_iter must be a positive integer (the number of solves), got {self.max_iter!r}.")
-        if not _finite(self.alpha) or self.alpha < 0:
-            raise IterisError(f"alpha must be a finite number >= 0 (the paper uses <= 1e-4), got {self.alpha!r}.")
-        if not _finite(self.density) or not 0 < self.density <= 1:
-            raise IterisError(f"density must be in (0, 1] (the kept fraction of each ΔW_i), got {self.density!r}.")
-        if not _finite(self.regmean_shrink) or not 0 <= self.regmean_shrink <= 1:
-            raise IterisError(f"regmean_shrink must be in [0, 1] (1 keeps the Grams as they are), "
-                              f"got {self.regmean_shrink!r}.")
-        if self.tol is not None and (not _finite(self.tol) or self.tol < 0):
-            raise IterisError(f"tol must be None (run every solve) or a number >= 0, got {self.tol!r}.")
+        for name, (in_range, what) in _RANGES.items():
+            value = getattr(self, name)
+            if not (value is None and name == "tol") and not (is_number(value) and in_range(value)):
+                raise IterisError(f"{name} must be {what}, got {value!r}.")
         if self.weights is not None:
             object.__setattr__(self, "weights", self._checked_weights(self.weights))
 
     def _checked_weights(self, weights) -> tuple[float, ...]:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
             raise IterisError(f"weights must be a list of numbers, one per adapter; got {weights!r}.")
-        if not all(_finite(w) for w in weights):
+        if not all(is_number(w) for w in weights):
             raise IterisError(f"weights must be finite numbers, got {list(weights)}.")
         weights = tuple(float(w) for w in weights)
         if not any(weights):
@@ -130,6 +130,3 @@ class MergeSettings:
         record["weights"] = None if self.weights is None else list(self.weights)
         return record
 
-
-def _finite(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

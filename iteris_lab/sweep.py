@@ -174,7 +174,8 @@ class _Pass:
         self._input, self._target = None, None
         self.finished, self.error, self._abort = False, None, False
         self._go, self._stopped = threading.Semaphore(0), threading.Semaphore(0)
-        self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._device = torch.cuda.current_device() if cuda else None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:

@@ -104,7 +104,8 @@ class Conv2dLayer(LinearLayer):
         return super().fits(lora) and tuple(lora.A.shape[1:]) == self.weight_shape[1:]
 
     def rows(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (batch, in·kh·kw, positions)
+        # (batch, in·kh·kw, positions) -> one row per patch position
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         return patches.transpose(1, 2).reshape(-1, self.in_features)
 
     @property
@@ -196,7 +197,7 @@ class Target:
     @torch.no_grad()
     def write(self, w0: torch.Tensor, delta: torch.Tensor | None) -> None:
         """weight := W0 + ΔW, summed in float32 (ΔW (out, in_flat) or in the weight's layout; None: W0 itself).
-        The one writer of W0 + ΔW: WeightWriter and MergeResult.apply_to both write through it."""
+        The one writer of W0 + ΔW: measure.weights_added and MergeResult.apply_to both write through it."""
         if delta is None:
             self.module.weight.copy_(w0)
             return
@@ -216,7 +217,6 @@ class Target:
             for hook in _accelerate_hooks(owner):
                 if getattr(hook, "offload", False) and any(p.device.type == "meta" for p in owner.parameters()):
                     hook.pre_forward(owner)
-
 
 
 class TargetHooks:
@@ -291,31 +291,3 @@ def resolve_names(model: nn.Module, names) -> dict[str, str]:
         resolved[name] = candidates[0]
     return resolved
 
-
-class WeightWriter:
-    """Writes W0 + ΔW into the targets' weights in place, and restores W0 exactly on exit.
-
-    For evaluating a merge on an in-memory model at full speed; the merge itself applies ΔW through hooks
-    (deltas.DeltaHooks) and never writes weights."""
-
-    def __init__(self, targets: dict[str, Target]):
-        self.targets = targets
-        self.originals = {n: t.module.weight.detach().clone() for n, t in targets.items()}
-
-    def set(self, deltas: dict) -> None:
-        """deltas: {name: (out, in_flat) tensor, or a LoraLayer, or None for W0}."""
-        with torch.no_grad():
-            for name, target in self.targets.items():
-                w0, delta = self.originals[name], deltas.get(name)
-                if hasattr(delta, "delta"):  # a LoraLayer: build its ΔW only while writing it
-                    delta = delta.delta()
-                target.write(w0, delta)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for name, target in self.targets.items():
-                target.module.weight.copy_(self.originals[name])
-        return False
