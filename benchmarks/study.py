@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/study.py --part minilm   # samples, α, solves, λ on all-MiniLM-L6-v2
     OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks    # 2 -> 6 merged SmolLM2 tasks
+    OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks_order2   # the same, tasks added in another order
     OMP_NUM_THREADS=1 python benchmarks/study.py --part live     # the ci-sized point chapter 06 recomputes
 Each part updates its own key of benchmarks/results/study.json (with its sizes, seeds, times and load average);
 the functions are in iteris_lab/tracks/llm/study.py. Then `python benchmarks/results_md.py` re-renders the table.
@@ -30,6 +31,8 @@ MINILM = {"limit": 150, "samples": (5, 10, 20, 50, 100, 200, 500), "seeds": (0, 
 # CPU (load ~10 on 2 cores): a first run with TIES, 40 test examples and 20 samples per task needed 10 min for k = 2
 # alone, so TIES was left out and the subsets cut to 30 test examples and 16 calibration samples per task.
 TASK_ORDER = ("addition", "sentiment", "topic", "subtraction", "larger", "parity")
+# A second order (each new task early, a benchmark task last) gives other subsets for k = 2..5 and the same six at k = 6.
+TASK_ORDER_2 = ("subtraction", "sentiment", "larger", "topic", "parity", "addition")
 SMOLLM2 = {"limit": 30, "samples": 16, "methods": ("linear", "task_arithmetic", "regmean", "iteris_sweep")}
 # What chapter 06 recomputes live: ITERIS_PROFILE=ci's sizes on MiniLM.
 LIVE = {"samples": PROFILES["ci"].calibration_samples, "limit": PROFILES["ci"].test_limit, "seed": 0}
@@ -106,12 +109,12 @@ def part_minilm() -> dict:
     return out
 
 
-def part_tasks() -> dict:
+def part_tasks(order=TASK_ORDER) -> dict:
     cfg, iteris = SMOLLM2, chosen("smollm2")
-    track = study.study_track("smollm2", TASK_ORDER)
+    track = study.study_track("smollm2", order)
     limit, samples = cfg["limit"], cfg["samples"]
     own, base, rows = {}, {}, []
-    for names in study.nested_subsets(TASK_ORDER):
+    for names in study.nested_subsets(order):
         added = study.subset(track, [t for t in names if t not in own])  # references measured as tasks join
         own.update(study.own_accuracy(added, limit))
         base.update(added.evaluate(limit))
@@ -123,7 +126,7 @@ def part_tasks() -> dict:
             row = study.merge_row(sub, method, {t: own[t] for t in names}, limit, **s)
             rows.append({"label": label, "k": len(names), **row})
             log("tasks", len(names), label, round(row["mean_normalized"], 4), row["merge_seconds"])
-    return {"model": "smollm2", "order": list(TASK_ORDER), "own": own, "base": base, "iteris_settings": iteris,
+    return {"model": "smollm2", "order": list(order), "own": own, "base": base, "iteris_settings": iteris,
             "config": cfg, "rows": rows}
 
 
@@ -136,7 +139,8 @@ def part_live() -> dict:
     return {"model": "minilm", "config": LIVE, "own": own, "rows": rows}
 
 
-PARTS = {"minilm": part_minilm, "tasks": part_tasks, "live": part_live}
+PARTS = {"minilm": part_minilm, "tasks": part_tasks, "tasks_order2": lambda: part_tasks(TASK_ORDER_2),
+         "live": part_live}
 
 
 def main(argv=None) -> int:

@@ -17,18 +17,31 @@ def _by(rows, *keys):
     return {tuple(r[k] for k in keys): r for r in rows}
 
 
+PARTS = {"tasks": "first order", "tasks_order2": "second order"}
+
+
+def _mean_table(part: dict, labels, ks) -> list[str]:
+    by, order = _by(part["rows"], "k", "label"), part["order"]
+    lines = ["| k | task added | " + " | ".join(LABELS[m] for m in labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for k in ks:
+        cells = [f"{by[(k, m)]['mean_normalized']:.3f}" if (k, m) in by else "not run" for m in labels]
+        lines.append(f"| {k} | {order[k - 1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def task_count_section(study: dict) -> str:
-    part = study["tasks"]
-    rows, order, cfg = part["rows"], part["order"], part["config"]
-    labels = [m for m in LABELS if any(r["label"] == m for r in rows)]
-    ks = sorted({r["k"] for r in rows})
-    by = _by(rows, "k", "label")
+    parts = {key: study[key] for key in PARTS if key in study}
+    part = parts["tasks"]
+    order, cfg = part["order"], part["config"]
+    labels = [m for m in LABELS if any(r["label"] == m for r in part["rows"])]
+    ks = sorted({r["k"] for r in part["rows"]})
     env = part["environment"]
+    runs = "; ".join(f"`--part {key}` {p['seconds'] / 60:.0f} min, load average {p['load_average_start'][0]:.1f} "
+                     f"at the start and {p['load_average_end'][0]:.1f} at the end ({p['finished']})"
+                     for key, p in parts.items())
     lines = ["## Task count: merging 2 to 6 SmolLM2 LoRAs (chapter 06's study)", "",
-             f"`python benchmarks/study.py --part tasks` ({part['seconds'] / 60:.0f} min on {part['torch_threads']} "
-             f"thread, {env['device']}, load average {part['load_average_start'][0]:.1f} at the start and "
-             f"{part['load_average_end'][0]:.1f} at the end, {part['finished']}). Merges of the first k tasks of "
-             f"the order {', '.join(f'`{t}`' for t in order)}; the first {cfg['limit']} test examples per task; "
+             f"`python benchmarks/study.py` on {part['torch_threads']} thread, {env['device']}: {runs}. Merges of "
+             f"the first k tasks of a fixed order; the first {cfg['limit']} test examples per task; "
              f"{cfg['samples']} calibration samples per task for RegMean and IterIS; IterIS with the sweep schedule "
              f"and the benchmark's validated settings (alpha={part['iteris_settings']['alpha']}, "
              f"adaptive_weights={part['iteris_settings']['adaptive_weights']}). `subtraction`, `larger` (largest of "
@@ -36,27 +49,26 @@ def task_count_section(study: dict) -> str:
              "(`iteris_lab.tracks.llm.tasks.smollm2_more_tasks`); own-LoRA and base accuracy on the same examples:", "",
              "| | " + " | ".join(order) + " |", "|---|" + "---|" * len(order),
              "| own LoRA | " + " | ".join(f"{part['own'][t]:.2f}" for t in order) + " |",
-             "| base | " + " | ".join(f"{part['base'][t]:.2f}" for t in order) + " |", "",
-             "Mean normalized accuracy over the k merged tasks:", "",
-             "| k | task added | " + " | ".join(LABELS[m] for m in labels) + " |", "|---|---|" + "---|" * len(labels)]
-    for k in ks:
-        cells = []
-        for m in labels:
-            cells.append(f"{by[(k, m)]['mean_normalized']:.3f}" if (k, m) in by else "not run")
-        lines.append(f"| {k} | {order[k - 1]} | " + " | ".join(cells) + " |")
+             "| base | " + " | ".join(f"{part['base'][t]:.2f}" for t in order) + " |", ""]
+    for key, p in parts.items():
+        lines += [f"Mean normalized accuracy over the k merged tasks, {PARTS[key]} "
+                  f"({', '.join(p['order'])}):", "", *_mean_table(p, labels, ks), ""]
     k_max = ks[-1]
-    lines += ["", f"Normalized accuracy per task with all {k_max} tasks merged:", "",
+    by = _by(part["rows"], "k", "label")
+    lines += [f"Normalized accuracy per task with all {k_max} tasks merged ({PARTS['tasks']}):", "",
               "| method | " + " | ".join(order[:k_max]) + " |", "|---|" + "---|" * k_max]
     for m in labels:
         if (k_max, m) in by:
             norm = by[(k_max, m)]["normalized"]
             lines.append(f"| {LABELS[m]} | " + " | ".join(f"{norm[t]:.2f}" for t in order[:k_max]) + " |")
-    lines += ["", *reading(part, labels, ks), ""]
+    lines += [""]
+    for key, p in parts.items():
+        lines += [f"*{PARTS[key].capitalize()}.* " + reading(p, labels, ks), ""]
     return "\n".join(lines)
 
 
-def reading(part: dict, labels, ks) -> list[str]:
-    """Sentences whose every number is read from the JSON (the prose around them is in study_notes below)."""
+def reading(part: dict, labels, ks) -> str:
+    """A sentence whose every number is read from the JSON (the prose around it is in results_notes.md)."""
     by = _by(part["rows"], "k", "label")
     first, last = ks[0], ks[-1]
     drops = ", ".join(f"{LABELS[m]} {by[(first, m)]['mean_normalized']:.3f} → {by[(last, m)]['mean_normalized']:.3f}"
@@ -64,9 +76,8 @@ def reading(part: dict, labels, ks) -> list[str]:
     gaps = ", ".join(f"k={k}: {by[(k, 'iteris_sweep')]['mean_normalized'] - by[(k, 'regmean')]['mean_normalized']:+.3f}"
                      for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     limit = part["config"]["limit"]
-    return [f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
-            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy, so a difference "
-            f"of a few hundredths in a mean over k tasks is within the noise of these test subsets."]
+    return (f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
+            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy.")
 
 
 def main() -> int:

@@ -76,10 +76,18 @@ def test_task_count_figure_draws_one_line_per_method_and_each_control_changes_it
     ax = fig.axes[0]
     assert {line.get_label() for line in ax.get_lines()} >= {"linear (average)", "IterIS (sweep)"}
     assert ax.get_legend() is not None and ax.get_xlabel() and ax.get_ylabel()
-    widget = task_count_widget(data)
-    first = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
-    widget.children[0].children[0].value = "c"
-    second = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
-    widget.children[0].children[1].value = False
-    third = [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
-    assert first != second != third
+    other = _fake_tasks_study()
+    other["order"] = ["c", "b", "a"]
+    for row in other["rows"]:
+        row["mean_normalized"] = row["mean_normalized"] / 2
+    widget = task_count_widget({"first": data, "second": other})
+    order, task, normalized = widget.children[0].children
+
+    def lines():
+        return [tuple(line.get_ydata()) for line in widget.figure.axes[0].get_lines()]
+
+    seen = [lines()]
+    for control, value in ((order, "second"), (task, "c"), (normalized, False)):
+        control.value = value
+        seen.append(lines())
+    assert all(a != b for a, b in zip(seen, seen[1:]))

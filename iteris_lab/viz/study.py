@@ -168,15 +168,20 @@ def plot_task_count(tasks: dict, task: str = "mean", normalized: bool = True, me
     return fig
 
 
-def task_count_widget(tasks: dict):
-    """Dropdown "task" (the mean or one task) and checkbox "normalized" over plot_task_count; both redraw."""
+def task_count_widget(parts: dict):
+    """Dropdowns "order" (which study part: its task order) and "task" (the mean or one task) and a checkbox
+    "normalized" over plot_task_count; each redraws. parts: {name: the study's task-count part}, or one part."""
     import ipywidgets as w
 
     from .widgets import figure_widget
 
-    controls = {"task": w.Dropdown(options=["mean", *tasks["order"]], description="task"),
+    parts = {"order 1": parts} if "rows" in parts else parts
+    tasks = list(dict.fromkeys(t for part in parts.values() for t in part["order"]))
+    controls = {"order": w.Dropdown(options=[(f"{name}: {', '.join(p['order'])}", name) for name, p in parts.items()],
+                                    description="order"),
+                "task": w.Dropdown(options=["mean", *tasks], description="task"),
                 "normalized": w.Checkbox(value=True, description="normalized by own LoRA")}
-    return figure_widget(lambda task, normalized: plot_task_count(tasks, task, normalized), controls)
+    return figure_widget(lambda order, task, normalized: plot_task_count(parts[order], task, normalized), controls)
 
 
 def samples_widget(minilm: dict):
