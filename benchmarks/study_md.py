@@ -22,10 +22,11 @@ PARTS = {"tasks": "first order", "tasks_order2": "second order"}
 
 def _mean_table(part: dict, labels, ks) -> list[str]:
     by, order = _by(part["rows"], "k", "label"), part["order"]
-    lines = ["| k | task added | " + " | ".join(LABELS[m] for m in labels) + " |", "|---|---|" + "---|" * len(labels)]
+    lines = ["| k | tasks | " + " | ".join(LABELS[m] for m in labels) + " |", "|---|---|" + "---|" * len(labels)]
     for k in ks:
         cells = [f"{by[(k, m)]['mean_normalized']:.3f}" if (k, m) in by else "not run" for m in labels]
-        lines.append(f"| {k} | {order[k - 1]} | " + " | ".join(cells) + " |")
+        added = f"{order[0]} + {order[1]}" if k == 2 else f"+ {order[k - 1]}"
+        lines.append(f"| {k} | {added} | " + " | ".join(cells) + " |")
     return lines
 
 
