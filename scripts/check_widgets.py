@@ -115,8 +115,15 @@ def check(notebook: Path, slider_index: int, steps: int, out: Path, chromium: st
 
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="iteris_widgets_"))
-    (scratch / "work").mkdir()
-    shutil.copy(notebook, scratch / "work" / notebook.name)  # the chapters find their data through the package
+    work = scratch / "work"
+    # the checkout's layout, with the notebook's own folder a copy (Lab autosaves outputs into what it opens) and
+    # everything else linked, so that a chapter's relative paths (../benchmarks/results/...) resolve
+    folder = notebook.resolve().parent
+    (work / folder.relative_to(ROOT)).mkdir(parents=True)
+    for entry in ROOT.iterdir():
+        if entry != folder and not (work / entry.name).exists():
+            (work / entry.name).symlink_to(entry)
+    shutil.copy(notebook, work / folder.relative_to(ROOT) / notebook.name)
     port, token = free_port(), secrets.token_hex(16)
     log = open(out / "jupyterlab.log", "w")
     server = start_lab(port, token, scratch, log)
@@ -127,7 +134,8 @@ def check(notebook: Path, slider_index: int, steps: int, out: Path, chromium: st
                 viewport={"width": 1400, "height": 1000})
             page = browser.new_page()
             try:
-                result = _drive(page, port, token, notebook.name, slider_index, steps, out, timeout_s)
+                path = (notebook.resolve().parent / notebook.name).relative_to(ROOT).as_posix()
+                result = _drive(page, port, token, path, slider_index, steps, out, timeout_s)
             except Exception:
                 page.screenshot(path=str(out / "failure.png"), full_page=True)
                 raise
@@ -146,6 +154,8 @@ def _drive(page, port: int, token: str, name: str, slider_index: int, steps: int
     seconds = run_all_and_wait(page, timeout_s)
     tracebacks = page.evaluate(f"() => {{ {CODE_CELLS} return {ERRORS}; }}")
     page.screenshot(path=str(out / "notebook.png"), full_page=True)
+    if tracebacks:
+        raise CheckFailed(f"{tracebacks} cell(s) raised an error (see notebook.png)")
     sliders = page.locator(SLIDERS)
     n_sliders = sliders.count()
     if n_sliders <= slider_index:

@@ -91,3 +91,30 @@ def test_task_count_figure_draws_one_line_per_method_and_each_control_changes_it
         control.value = value
         seen.append(lines())
     assert all(a != b for a, b in zip(seen, seen[1:]))
+
+
+def _fake_samples_study():
+    rows = []
+    for seed in (0, 1):
+        for samples in (5, 50, 500):
+            for label, score in (("regmean", 0.9 + 0.01 * seed), ("iteris_sweep", 0.8 + samples / 5000)):
+                acc = {"a": score, "b": score - 0.1}
+                rows.append({"label": label, "samples": samples, "seed": seed, "accuracy": acc, "normalized": acc,
+                             "mean_accuracy": score - 0.05, "mean_normalized": score - 0.05})
+    return {"model": "toy", "tasks": ["a", "b"], "samples": rows}
+
+
+def test_samples_widget_slider_reads_off_each_method_at_the_chosen_sample_count():
+    from iteris_lab.viz.study import samples_widget
+
+    widget = samples_widget(_fake_samples_study())
+    task, seeds, mark = widget.children[0].children
+    assert list(mark.options) == [5, 50, 500]
+    titles = [widget.figure.axes[0].get_title()]
+    for control, value in ((mark, 500), (task, "b"), (seeds, False)):
+        control.value = value
+        titles.append(widget.figure.axes[0].get_title())
+    # at 500 samples the IterIS line of the fake study is 0.8 + 0.1 - 0.05 (mean over tasks), then 0.9 - 0.1 on b
+    assert "IterIS (sweep) 0.850" in titles[1] and "IterIS (sweep) 0.800" in titles[2]
+    assert titles[0] != titles[1] != titles[2]
+    assert len(widget.figure.axes[0].collections) == 0  # the seeded dots are gone

@@ -42,25 +42,33 @@ def _measure(table: pd.DataFrame, task: str, normalized: bool) -> pd.Series:
     return table["normalized" if normalized else "accuracy"]
 
 
-def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True) -> Figure:
+def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True, mark: int | None = None) -> Figure:
     """Normalized accuracy against calibration samples per task (log x): RegMean and the IterIS sweep, the mean
-    over seeded draws as a line, each draw as a dot (show_seeds)."""
+    over seeded draws as a line, each draw as a dot (show_seeds). mark: a measured sample count to read off: a
+    vertical line there and each method's mean of draws at it in the title."""
     table = frame(minilm["samples"], per_task=task != "mean")
     if task != "mean":
         table = table[table.task == task]
     table = table.assign(value=_measure(table, task, True))
     fig, (ax,) = _figure()
+    readings = []
     for label, group in table.groupby("label", sort=False):
         name, colour = METHOD_STYLE[label]
         mean = group.groupby("samples")["value"].mean()
         ax.plot(mean.index, mean.values, marker="o", color=colour, label=f"{name}, mean of draws")
+        if mark is not None:
+            readings.append(f"{name} {mean.loc[mark]:.3f}")
         if show_seeds:
             ax.scatter(group["samples"], group["value"], s=12, color=colour, alpha=0.45, label=f"{name}, each draw")
     ax.set_xscale("log")
     ax.set_xticks(sorted(table["samples"].unique()), [str(s) for s in sorted(table["samples"].unique())])
     ax.set_xlabel("calibration samples per task (unlabeled prompts)")
     ax.set_ylabel("normalized accuracy" + (" (mean over tasks)" if task == "mean" else f" ({task})"))
-    ax.set_title(f"{minilm['model']}: accuracy against calibration samples")
+    title = f"{minilm['model']}: accuracy against calibration samples"
+    if mark is not None:
+        ax.axvline(mark, color="0.5", linestyle=":", linewidth=1)
+        title += f"\nat {mark} per task: " + ", ".join(readings)
+    ax.set_title(title)
     _legend_outside(ax)
     return fig
 
@@ -185,11 +193,14 @@ def task_count_widget(parts: dict):
 
 
 def samples_widget(minilm: dict):
-    """Dropdown "task" and checkbox "show each draw" over plot_samples; both redraw."""
+    """Dropdown "task", checkbox "show each draw" and a slider over the measured sample counts (read off both
+    methods there) over plot_samples; each redraws."""
     import ipywidgets as w
 
     from .widgets import figure_widget
 
+    counts = sorted({row["samples"] for row in minilm["samples"] if "error" not in row})
     controls = {"task": w.Dropdown(options=["mean", *minilm["tasks"]], description="task"),
-                "show_seeds": w.Checkbox(value=True, description="show each seeded draw")}
-    return figure_widget(lambda task, show_seeds: plot_samples(minilm, task, show_seeds), controls)
+                "show_seeds": w.Checkbox(value=True, description="show each seeded draw"),
+                "mark": w.SelectionSlider(options=counts, value=counts[0], description="samples")}
+    return figure_widget(lambda task, show_seeds, mark: plot_samples(minilm, task, show_seeds, mark), controls)
