@@ -117,7 +117,7 @@ def part_tasks(order=TASK_ORDER) -> dict:
     for names in study.nested_subsets(order):
         added = study.subset(track, [t for t in names if t not in own])  # references measured as tasks join
         own.update(study.own_accuracy(added, limit))
-        base.update(added.evaluate(limit))
+        base.update(added.evaluate("test", limit))
         log("own", own, "base", base)
         sub = study.subset(track, names)
         for label in cfg["methods"]:

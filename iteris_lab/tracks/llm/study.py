@@ -17,62 +17,24 @@ selects none (the benchmark chose its IterIS settings on validation). Normalized
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from ...adapters import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
-from ...paths import data_dir, missing_data
-from .tasks import calibration_batches, load_tasks
+from .tasks import calibration_batches
+from .track import LlmTrack, load_track
 
 
-@dataclasses.dataclass
-class StudyModel:
-    """A model with the tasks under study, their LoRA folders (and, for MiniLM, each task's head)."""
-
-    name: str
-    model: torch.nn.Module
-    tokenizer: object
-    tasks: dict
-    adapters: dict[str, str]
-    heads: dict | None
-    max_length: int
-
-    def evaluate(self, limit: int | None, split: str = "test") -> dict[str, float]:
-        """{task: accuracy} of the model as its weights stand now, on the first `limit` examples of `split`."""
-        from .evaluate import evaluate_tasks
-
-        return evaluate_tasks(self.model, self.tokenizer, self.tasks, heads=self.heads, split=split, limit=limit,
-                              max_length=self.max_length, progress=False)
-
-
-def study_track(model: str, names=None, adapter_root=None) -> StudyModel:
-    """`model` ("minilm" | "smollm2") with its benchmark tasks, or with the tasks `names` (which may include the
+def study_track(model: str, names=None, adapter_root=None) -> LlmTrack:
+    """The benchmark's track (tracks.llm.track): `model` ("minilm" | "smollm2") with its benchmark tasks, or with the tasks `names` (which may include the
     extra SmolLM2 tasks of tasks.smollm2_more_tasks), and their LoRAs from data/adapters/<model>/<task>."""
-    from .evaluate import load_head
-    from .models import load_minilm, load_smollm2
-
-    tasks = load_tasks(model, names)
-    root = Path(adapter_root or data_dir() / "adapters") / model
-    adapters = {t: str(root / t) for t in tasks}
-    missing = [a for a in adapters.values() if not Path(a, "adapter_config.json").is_file()]
-    if missing:
-        raise missing_data(missing[0], "trained LoRA", f"scripts/train_loras.py --model {model}")
-    recipe = json.loads(Path(next(iter(adapters.values())), "recipe.json").read_text())
-    if model == "minilm":
-        net, tokenizer = load_minilm(num_labels=len(next(iter(tasks.values())).labels))
-        heads = {t: load_head(a) for t, a in adapters.items()}
-    else:
-        net, tokenizer = load_smollm2()
-        heads = None
-    return StudyModel(model, net, tokenizer, tasks, adapters, heads, int(recipe.get("max_length", 128)))
+    return load_track(model, adapter_root, names)
 
 
-def subset(track: StudyModel, names) -> StudyModel:
+def subset(track: LlmTrack, names) -> LlmTrack:
     """The same model with only the tasks `names` (in that order)."""
     names = list(names)
     heads = {t: track.heads[t] for t in names} if track.heads else None
@@ -80,33 +42,33 @@ def subset(track: StudyModel, names) -> StudyModel:
                                adapters={t: track.adapters[t] for t in names}, heads=heads)
 
 
-def own_accuracy(track: StudyModel, limit: int | None) -> dict[str, float]:
+def own_accuracy(track: LlmTrack, limit: int | None) -> dict[str, float]:
     """Each task's accuracy under its own LoRA (the normalizer), and the base model's, on the test split."""
     own = {}
     for task, path in track.adapters.items():
         with weights_added(track.model, load_adapter(path).layers):
-            own[task] = subset(track, [task]).evaluate(limit)[task]
+            own[task] = track.evaluate("test", limit, tasks=[task])[task]
     return own
 
 
-def calibration(track: StudyModel, samples: int, seed: int = 0, batch_size: int = 16) -> list[list[dict]]:
+def calibration(track: LlmTrack, samples: int, seed: int = 0, batch_size: int = 16) -> list[list[dict]]:
     """Per task, `samples` unlabeled prompts of its train split (seeded draw), in batches."""
     return [calibration_batches(task, track.tokenizer, n=samples, batch_size=batch_size, max_length=track.max_length,
                                 seed=seed) for task in track.tasks.values()]
 
 
-def score(track: StudyModel, deltas: dict, limit: int | None, own: dict[str, float]) -> dict:
+def score(track: LlmTrack, deltas: dict, limit: int | None, own: dict[str, float]) -> dict:
     """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds."""
     start = time.perf_counter()
     with weights_added(track.model, deltas):
-        accuracy = track.evaluate(limit)
+        accuracy = track.evaluate("test", limit)
     norm = {t: accuracy[t] / own[t] if own[t] > 0 else float("nan") for t in accuracy}
     return {"accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy),
             "normalized": norm, "mean_normalized": sum(norm.values()) / len(norm),
             "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
-def merge_row(track: StudyModel, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,
+def merge_row(track: LlmTrack, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,
               batch_size: int = 16, **settings) -> dict:
     """One merge of the track's LoRAs, scored: settings, merge seconds and the score() fields."""
     batches = calibration(track, samples, seed, batch_size) if samples else None
@@ -123,7 +85,7 @@ def relative_distance(deltas: dict, reference: dict) -> float:
     return (num / den) ** 0.5
 
 
-def solves_rows(track: StudyModel, own: dict, limit: int | None, samples: int, max_iter: int, seed: int = 0,
+def solves_rows(track: LlmTrack, own: dict, limit: int | None, samples: int, max_iter: int, seed: int = 0,
                 batch_size: int = 16, **settings) -> dict:
     """The Jacobi loop's solves 1..max_iter next to the sweep: distance to the sweep's ΔW and accuracy per solve."""
     batches = calibration(track, samples, seed, batch_size)
