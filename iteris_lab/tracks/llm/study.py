@@ -24,6 +24,7 @@ import torch
 from ...adapters import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
+from ..harness import score_row
 from .tasks import calibration_batches
 from .track import LlmTrack, load_track
 
@@ -62,10 +63,9 @@ def score(track: LlmTrack, deltas: dict, limit: int | None, own: dict[str, float
     start = time.perf_counter()
     with weights_added(track.model, deltas):
         accuracy = track.evaluate("test", limit)
-    norm = {t: accuracy[t] / own[t] if own[t] > 0 else float("nan") for t in accuracy}
-    return {"accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy),
-            "normalized": norm, "mean_normalized": sum(norm.values()) / len(norm),
-            "eval_seconds": round(time.perf_counter() - start, 2)}
+    row = score_row("", "", accuracy, own)
+    return {key: row[key] for key in ("accuracy", "mean_accuracy", "normalized", "mean_normalized")} | {
+        "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
 def merge_row(track: LlmTrack, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,
