@@ -64,3 +64,10 @@ class PeakMemory:
             self._thread.join()
             self.peak_mb = (max(self._rss) - self._start) / 2**20
         return False
+
+
+def distances_to(deltas: dict, reference: dict) -> dict[str, float]:
+    """{layer: ‖ΔW − ΔW*‖_F / ‖ΔW*‖_F} for every layer of `reference` (e.g. a Jacobi solve's ΔW against the sweep's
+    fixed point ΔW*), in float64."""
+    return {name: float((deltas[name].double() - ref.double()).norm() / ref.double().norm())
+            for name, ref in reference.items()}
