@@ -1,7 +1,7 @@
 """iteris-lab: merging LoRA adapters with IterIS (Iterative Inference-Solving Alignment, arXiv 2411.15231)."""
 from .adapters import LoraAdapter, LoraLayer, load_adapter
 from .errors import AdapterError, CalibrationError, ExportError, IterisError, SolveError
-from .export import ExportReport
+from .io.export import ExportReport
 from .lora_formats import load_lora, read_diffusers_lora, read_kohya_lora, write_diffusers_lora
 from .merge import METHODS, IterationRecord, merge_loras
 from .result import MergeResult

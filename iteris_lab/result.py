@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, ExportError
-from .export import ExportReport, lora_factors, write_adapter
+from .io.export import ExportReport, lora_factors, write_adapter
 from .targets import LinearLayer, Target, resolve_names
 
 

@@ -4,7 +4,8 @@ import json
 import pytest
 from peft import PeftModel
 
-from iteris_lab.cli import build_parser, load_base, main
+from iteris_lab.cli import build_parser, main
+from iteris_lab.cli.merge import load_base
 from tiny import TARGETS, WORDS, make_lora, save_tiny, save_tokenizer
 
 @pytest.fixture(params=["llama", "t5"])
@@ -152,7 +153,7 @@ def test_7_bad_base_and_out_are_reported_without_a_traceback(plain, capsys):
 
 
 def test_7_iteris_without_calibration_is_refused_before_loading_the_base(plain, monkeypatch, capsys):
-    import iteris_lab.cli as cli
+    import iteris_lab.cli.merge as cli
 
     def never(*args, **kwargs):
         raise AssertionError("the base model was loaded")

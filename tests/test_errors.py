@@ -149,7 +149,7 @@ def test_output_directory_is_refused_unless_overwrite(case, tmp_path):
 
 def test_failed_export_leaves_no_half_written_adapter(case, tmp_path, monkeypatch):
     result = merge(case, method="linear")
-    import iteris_lab.export as export
+    import iteris_lab.io.export as export
 
     def explode(*args, **kwargs):
         raise OSError("disk full")

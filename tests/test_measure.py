@@ -18,3 +18,56 @@ def test_distance_is_computed_in_float64():
     reference = {"w": torch.full((1,), 1.0, dtype=torch.float32)}
     moved = {"w": torch.full((1,), 1.0 + 2.0 ** -20, dtype=torch.float32)}
     assert distances_to(moved, reference)["w"] == pytest.approx(2.0 ** -20, rel=1e-12)
+
+
+def test_paired_difference_interval_excludes_zero_only_for_a_real_difference():
+    import numpy as np
+
+    from iteris_lab.measure import paired_difference
+
+    rng = np.random.default_rng(0)
+    b = (rng.random(400) < 0.6).astype(int)
+    better = b.copy()
+    better[rng.choice(np.flatnonzero(b == 0), 60, replace=False)] = 1  # 60 of 400 examples fixed, none broken
+    ahead = paired_difference(better, b)
+    assert ahead.mean == pytest.approx(60 / 400) and ahead.low > 0 and ahead.verdict == "ahead"
+    assert ahead.p_value < 1e-10  # McNemar: 60 discordant pairs, all one way
+    assert paired_difference(b, better).verdict == "behind"
+    noise = b.copy()
+    noise[np.flatnonzero(b == 0)[:4]] = 1  # 4 examples fixed, 3 broken: 7 discordant pairs, +1 net
+    noise[np.flatnonzero(b == 1)[:3]] = 0
+    assert paired_difference(noise, b).verdict == "within noise"
+
+
+def test_paired_difference_is_seeded_and_its_pairing_narrows_the_interval():
+    import numpy as np
+
+    from iteris_lab.measure import paired_difference
+
+    rng = np.random.default_rng(1)
+    hard = rng.normal(size=300)  # a per-example difficulty both models share
+    a, b = hard + 0.05 + 0.01 * rng.normal(size=300), hard + 0.01 * rng.normal(size=300)
+    first, again = paired_difference(a, b, seed=3), paired_difference(a, b, seed=3)
+    assert first == again
+    assert first.p_value is None  # scores, not 0/1 outcomes
+    unpaired_se = np.sqrt(a.var(ddof=1) / 300 + b.var(ddof=1) / 300)
+    assert first.high - first.low < 0.2 * (2 * 1.96 * unpaired_se)
+    assert first.verdict == "ahead"
+
+
+def test_paired_difference_refuses_unpaired_or_non_finite_outcomes():
+    from iteris_lab.measure import paired_difference
+
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        paired_difference([1.0, float("nan")], [1.0, 0.0])
+
+
+def test_numerical_rank_reads_a_float32_gram_of_fewer_rows_than_features_as_its_row_count():
+    from iteris_lab.measure import numerical_rank
+
+    x = torch.randn(50, 384, generator=torch.Generator().manual_seed(0))
+    assert numerical_rank(x.T @ x) == 50
+    assert numerical_rank((x.T @ x).double()) == 384  # float32 rounding is far above float64's ε: use the sum's dtype
+    assert numerical_rank(x.double().T @ x.double()) == 50

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adapters import LoraAdapter, check_config, lora_layers, scale_of
 from ..errors import AdapterError, ExportError
-from ..export import ExportReport, lora_factors, lora_tensors
+from ..io.export import ExportReport, lora_factors, lora_tensors
 from .files import WHICH, WEIGHT_NAMES, check_keys, fit_to_model, is_kohya, lora_file, read_state, refuse_others
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

@@ -1,14 +1,12 @@
-"""The `iteris-lab` command: merge, demo, bench."""
+"""`iteris-lab merge`: load the base model, read the adapters and calibration files, merge, write the adapter."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
-from .errors import IterisError
+from ..errors import IterisError
+from .options import finite_float, fraction, non_negative, positive_int
 
 _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
                "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
@@ -68,8 +66,8 @@ def load_base(base: str, task_type: str | None, dtype: str = "float32"):
 
 def _check_merge_args(args) -> None:
     """Everything that can be checked before loading anything slow."""
-    from .export import check_destination
-    from .merge import METHODS
+    from ..io.export import check_destination
+    from ..merge import METHODS
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -95,9 +93,9 @@ def _task_type(adapters) -> str | None:
 
 
 def cmd_merge(args) -> dict:
-    from .adapters import load_adapter
-    from .calibration import read_inputs, tokenize
-    from .merge import merge_loras
+    from ..adapters import load_adapter
+    from ..io.calibration import read_inputs, tokenize
+    from ..merge import merge_loras
 
     _check_merge_args(args)  # fail before the slow part
     records = [read_inputs(f) for f in args.calibration or []] if args.method in ("iteris", "regmean") else []
@@ -126,60 +124,8 @@ def cmd_merge(args) -> dict:
     return report
 
 
-def _checked(convert, expected: str, ok, requirement: str):
-    """An argparse type: convert(text), refused with "expected ..." when that fails and "must be ..." when not ok."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _checked(int, "a whole number >= 1", lambda v: v >= 1, ">= 1")
-_finite_float = _checked(float, "a number", math.isfinite, "a finite number")
-_non_negative = _checked(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-_fraction = _checked(float, "a number", lambda v: math.isfinite(v) and 0 < v <= 1, "in (0, 1]")
-
-
-def cmd_demo(args):
-    from .tracks.llm.track import run_demo
-    return run_demo(json_path=args.json, quiet=args.quiet)
-
-
-BENCH_TRACKS = ("llm", "minilm", "smollm2", "vlm", "diffusion")
-
-
-def cmd_bench(args):
-    """One track's benchmark on the harness (tracks/harness.py); the offline tracks need no internet."""
-    import os
-
-    import torch
-
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(name, "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.track == "vlm":
-        from .tracks.vlm.benchmark import run_bench
-        return run_bench(args.out, mask=args.mask, test_images=args.test_images, val_images=args.val_images,
-                         mask_ablation=args.mask_ablation)
-    if args.track == "diffusion":
-        from .tracks.diffusion.benchmark import run_bench
-        return run_bench(args.out, samples=args.samples, figures=args.figures)
-    from .tracks.llm.track import run_bench
-    return run_bench(args.track if args.track != "llm" else args.model, args.out, figures=args.figures,
-                     quiet=args.quiet)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .merge import METHODS
-
-    parser = argparse.ArgumentParser(prog="iteris-lab", description="Merge LoRA adapters with IterIS.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub) -> None:
+    from ..merge import METHODS
 
     merge = sub.add_parser("merge", help="merge PEFT LoRA adapters of one base model into one adapter",
                            description="Merge PEFT LoRA adapters; writes a PEFT adapter and iteris_report.json.")
@@ -193,21 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="iteris: 'sweep' (default) solves each layer once, from the merged model's own inputs: "
                             "the fixed point of the paper's loop in one pass; 'jacobi' runs the paper's --max-iter "
                             "solves")
-    merge.add_argument("--max-iter", type=_positive_int, default=10, help="IterIS solves with --schedule jacobi (default 10)")
+    merge.add_argument("--max-iter", type=positive_int, default=10, help="IterIS solves with --schedule jacobi (default 10)")
     merge.add_argument("--gram-dtype", default="float32", choices=("float32", "float64"),
                        help="precision of the feature statistics (float64 for tiny --alpha with few samples)")
-    merge.add_argument("--alpha", type=_non_negative, default=1e-4, help="regularizer α of α‖M‖_F·I (default 1e-4)")
+    merge.add_argument("--alpha", type=non_negative, default=1e-4, help="regularizer α of α‖M‖_F·I (default 1e-4)")
     merge.add_argument("--adaptive-weights", default="official", choices=("official", "paper", "none"),
                        help="iteris λ_i: 'official' (authors' code: W0 + ΔW_i), 'paper' (ΔW_i only) or 'none'")
-    merge.add_argument("--weights", type=_finite_float, nargs="+",
+    merge.add_argument("--weights", type=finite_float, nargs="+",
                        help="per-adapter multipliers (on λ_i for iteris/regmean, >= 0) or mixing weights")
-    merge.add_argument("--density", type=_fraction, default=0.5,
+    merge.add_argument("--density", type=fraction, default=0.5,
                        help="kept fraction in (0, 1] for ties/dare/magnitude_prune (default 0.5)")
     merge.add_argument("--modules", default="error", choices=("error", "intersection", "union"),
                        help="when adapters adapt different modules: refuse (default), merge the common ones, or all")
-    merge.add_argument("--rank", type=_positive_int, help="truncate the merged adapter to this rank (default: exact)")
-    merge.add_argument("--batch-size", type=_positive_int, default=8, help="calibration texts per batch (default 8)")
-    merge.add_argument("--max-length", type=_positive_int, default=128,
+    merge.add_argument("--rank", type=positive_int, help="truncate the merged adapter to this rank (default: exact)")
+    merge.add_argument("--batch-size", type=positive_int, default=8, help="calibration texts per batch (default 8)")
+    merge.add_argument("--max-length", type=positive_int, default=128,
                        help="calibration texts are truncated to this many tokens (default 128)")
     merge.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="dtype the base model is loaded in (default float32)")
@@ -219,46 +165,3 @@ def build_parser() -> argparse.ArgumentParser:
                             "folders are never replaced")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(func=cmd_merge)
-
-    demo = sub.add_parser("demo", help="merge the shipped LoRAs of the embedded default model with every method",
-                          description="Load the embedded default model and its shipped task LoRAs, merge with every "
-                                      "method, evaluate, print the table and write a JSON file.")
-    demo.add_argument("--json", default="results.json", help="where to write the results (default results.json)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_demo)
-
-    bench = sub.add_parser("bench", help="the benchmark of one track: IterIS tuned on validation, every method",
-                           description="Choose IterIS's settings on the validation split, then score the base model, "
-                                       "each LoRA and every merge method on the test split; writes OUT/<track>.json "
-                                       "and OUT/<track>.md. Run sizes follow ITERIS_PROFILE (ci | cpu | gpu).")
-    bench.add_argument("--track", choices=BENCH_TRACKS, default="llm",
-                       help="llm (with --model), minilm, smollm2, vlm or diffusion (default llm)")
-    bench.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
-                       help="the model of --track llm (default minilm)")
-    bench.add_argument("--out", default=".", help="folder for the JSON and markdown results (default .)")
-    bench.add_argument("--figures", help="folder for the figures (llm, diffusion); default: none")
-    bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
-    bench.add_argument("--samples", type=_positive_int, help="diffusion: images per prompt set (default by profile)")
-    bench.add_argument("--test-images", type=_positive_int,
-                       help="vlm: test images (default: the profile's test_limit, else 200)")
-    bench.add_argument("--val-images", type=_positive_int, default=100, help="vlm: validation images (default 100)")
-    bench.add_argument("--mask", choices=("text", "all"), default="text",
-                       help="vlm: calibration rows, text only (default) or with the image rows")
-    bench.add_argument("--mask-ablation", action="store_true", help="vlm: also IterIS with the other mask")
-    bench.add_argument("--quiet", action="store_true", help="no progress bars")
-    bench.set_defaults(func=cmd_bench)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (IterisError, OSError) as err:  # bad input, or a file that cannot be read or written: no traceback
-        print(f"iteris-lab {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

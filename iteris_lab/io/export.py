@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import ExportError
-from .targets import LinearLayer
+from ..errors import ExportError
+from ..targets import LinearLayer
 
 
 @dataclass

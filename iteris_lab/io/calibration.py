@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 _TEXT_KEYS = ("text", "input", "prompt")
 
