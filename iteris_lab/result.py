@@ -109,15 +109,17 @@ class MergeResult:
             out[name] = tensor
         return out
 
-    def save_adapter(self, directory, rank: int | None = None, overwrite: bool = False) -> ExportReport:
+    def save_adapter(self, directory, rank: int | None = None, overwrite: bool = False,
+                     extra_files: dict[str, str | bytes] | None = None) -> ExportReport:
         """Write a PEFT LoRA folder (with the task_type the adapters agree on and any carried modules_to_save).
 
         An existing `directory` is replaced only with overwrite=True and only when it is an adapter folder (it has
         adapter_config.json); the swap is atomic (export.replace_folder). rank: as export.lora_factors (None: the
-        exact factors of rank Σ r_i when the merge has them; an int: truncated SVD, see ExportReport.relative_error)."""
+        exact factors of rank Σ r_i when the merge has them; an int: truncated SVD, see ExportReport.relative_error).
+        extra_files: {name: text or bytes} written with the adapter, in the same atomic swap (e.g. a report)."""
         factors = lora_factors(self.deltas, self.factors, self.layers, rank)
         return write_adapter(directory, factors, self.layers, self.base_model, overwrite, self.task_type,
-                             self.extra.get("carried"))
+                             self.extra.get("carried"), extra_files)
 
     def report(self) -> dict:
         """A JSON-ready summary: settings, timings, and per iteration the mean objective, λ and change."""

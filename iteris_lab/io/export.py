@@ -77,8 +77,12 @@ def lora_tensors(factors: dict, layers: dict[str, LinearLayer], key, dtype: torc
 
 def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base_model: str | None = None,
                   overwrite: bool = False, task_type: str | None = None,
-                  carried: dict[str, torch.Tensor] | None = None) -> ExportReport:
+                  carried: dict[str, torch.Tensor] | None = None,
+                  extra_files: dict[str, str | bytes] | None = None) -> ExportReport:
     """Write adapter_config.json + adapter_model.safetensors, replacing `directory` atomically.
+
+    extra_files: {file name: text or bytes} written into the same staging folder (a report, a model card), so they
+    land together with the adapter or not at all.
 
     carried: {"module.weight": tensor} of modules_to_save copied as they are (e.g. a head the adapters share);
     they are listed in modules_to_save. task_type goes into the config (None: PEFT's bare PeftModel).
@@ -110,6 +114,8 @@ def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base
     def fill(staging: Path) -> None:
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
     replace_folder(directory, fill)
     return ExportReport(str(directory), ranks, {n: f[2] for n, f in factors.items()})
