@@ -66,13 +66,13 @@ def load_base(base: str, task_type: str | None, dtype: str = "float32"):
 
 def _check_merge_args(args) -> None:
     """Everything that can be checked before loading anything slow."""
-    from ..io.export import check_destination
+    from ..io.destination import ADAPTER_FILES, REPORT_FILES, check_destination
     from ..merge import METHODS
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise IterisError(f"--out {args.out} is an existing file; give a folder name for the merged adapter.")
-    check_destination(out, args.overwrite)  # refuses the current folder, a non-adapter folder, ...
+    # the destination rule up front: --out is no input, is writable, not locked, replaceable with --overwrite;
+    # `produces` must list what cmd_merge writes (the adapter, and the report as an extra file)
+    inputs = [*args.adapter, *(args.calibration or []), *([args.base] if Path(args.base).expanduser().exists() else [])]
+    check_destination(args.out, args.overwrite, inputs=inputs, produces=ADAPTER_FILES + REPORT_FILES)
     if len(args.adapter) < 2:
         raise IterisError(f"merging needs at least two --adapter folders, got {len(args.adapter)}.")
     if args.method in ("iteris", "regmean") and not args.calibration:
