@@ -286,8 +286,9 @@ def write_file(path, fill: Callable[[Path], None], *, overwrite: bool = False, i
             _check(path, overwrite, inputs, (), "file", replaceable, probe_lock=False)
             staging = _new_staging(target, folder=False)
             try:
+                umask_mode = stat.S_IMODE(staging.stat().st_mode)  # 0666 less the umask
                 fill(staging)
-                _keep_mode(target, staging)
+                _set_mode(staging, target, umask_mode)
                 os.replace(staging, target)
             finally:
                 staging.unlink(missing_ok=True)
@@ -301,13 +302,15 @@ def replace_folder(directory: Path, fill: Callable[[Path], None]) -> None:
     """Call fill(staging) to write the new folder, then swap it in for `directory` (see the comment above). The
     caller holds the lock."""
     staging = _new_staging(directory, folder=True)
+    file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666  # what the umask gives a new file
     aside = None
     try:
         fill(staging)
+        for new in staging.iterdir():  # safetensors writes 0600 files: give them the umask's or the old mode
+            if new.is_file() and not new.is_symlink():
+                _set_mode(new, directory / new.name, file_mode)
         if directory.exists():
-            _keep_mode(directory, staging)
-            for new in staging.iterdir():
-                _keep_mode(directory / new.name, new)
+            _set_mode(staging, directory, None)
             aside = directory.parent / f".{directory.name}{ASIDE}{staging.name.rsplit('-', 1)[-1]}"
             _rename(directory, aside)
         try:
@@ -362,13 +365,14 @@ def _new_staging(target: Path, folder: bool) -> Path:
             continue
 
 
-def _keep_mode(old: Path, new: Path) -> None:
-    """Give `new` the permission bits of the `old` it replaces (a shared 755 adapter stays 755)."""
+def _set_mode(new: Path, old: Path, default: int | None) -> None:
+    """Give `new` the permission bits of the `old` it replaces (a shared 755 adapter stays 755), or `default`."""
     try:
         mode = stat.S_IMODE(old.stat().st_mode)
     except FileNotFoundError:
-        return
-    os.chmod(new, mode)
+        mode = default
+    if mode is not None:
+        os.chmod(new, mode)
 
 
 def _make_parents(target: Path) -> list[Path]:
