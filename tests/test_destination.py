@@ -128,6 +128,8 @@ def test_write_diffusers_lora_never_replaces_an_input_lora(lora_files):
     before = fingerprint(*folders)
     for destination_ in (folders[0], folders[1] / "pytorch_lora_weights.safetensors"):
         with pytest.raises(ExportError, match="is an input of this write"):
+            write_diffusers_lora(merged, destination_)
+        with pytest.raises(ExportError, match="is an input of this write"):
             write_diffusers_lora(merged, destination_, overwrite=True)
     assert fingerprint(*folders) == before
 
@@ -149,7 +151,8 @@ def test_write_diffusers_lora_never_replaces_a_base_model_file(result, tmp_path)
 
 def test_write_diffusers_lora_refuses_nan_and_writes_nothing(result, tmp_path):
     result.factors["2"][0][0, 0] = float("nan")
-    with pytest.raises(ExportError, match=r"unet\.2\.lora_B\.weight: the merged adapter contains NaN or Inf; nothing was written"):
+    with pytest.raises(ExportError, match=r"unet\.2\.lora_B\.weight: the merged adapter contains NaN or Inf; "
+                                          "nothing was written"):
         write_diffusers_lora(result, tmp_path / "merged")
     assert listing(tmp_path) == ["inputs"]
 
@@ -352,7 +355,6 @@ def test_a_merge_on_an_inner_module_exports_keys_that_load_into_the_full_model(t
     adapters = [make_lora(full, tmp_path / f"a{i}", ["query", "value"], seed=i + 1) for i in range(2)]
     calibration = [token_batches("bert", seed=10 + i) for i in range(2)]
     result = merge_loras(full.bert, adapters, calibration, method="iteris", progress=False)
-    assert result.settings["module_prefix"] == "bert"
     result.save_adapter(tmp_path / "merged")
     batch = token_batches("bert", seed=7)[0]
     dense = outputs(result.apply_to(copy.deepcopy(full)), batch)
@@ -362,6 +364,8 @@ def test_a_merge_on_an_inner_module_exports_keys_that_load_into_the_full_model(t
     assert not [w for w in caught if "missing" in str(w.message).lower()]
     torch.testing.assert_close(outputs(loaded, batch), dense, atol=1e-4, rtol=0)
     assert (dense - outputs(full, batch)).abs().max() > 1e-3  # not a no-op adapter
+    assert result.settings["module_prefix"] == "bert"  # the note in the report
+    assert result.report()["settings"]["module_prefix"] == "bert"
 
 
 # -- the CLI checks the destination before anything slow -----------------------------------------------------------
