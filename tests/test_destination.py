@@ -218,6 +218,22 @@ def test_two_concurrent_writers_of_one_destination(case, result, tmp_path):
     assert listing(tmp_path) == ["go", "inputs", "merged", "reference", "result.pt"]  # no staging, no lock left
 
 
+def test_a_run_may_hold_the_lock_around_its_whole_work(result, tmp_path):
+    """The CLI can take the lock before its merge: its own save then writes under it, other threads are refused."""
+    import threading
+
+    out = tmp_path / "merged"
+    errors = []
+    with destination.writer_lock(out):
+        destination.check_destination(out)  # not "busy" for the holder
+        other = threading.Thread(target=lambda: errors.append(pytest.raises(ExportError, result.save_adapter, out)))
+        other.start()
+        other.join()
+        result.save_adapter(out, extra_files={"iteris_report.json": "{}"})
+    assert "is writing" in str(errors[0].value)
+    assert listing(tmp_path) == ["inputs", "merged"]
+
+
 def test_kill_9_mid_save_keeps_the_old_adapter_and_the_next_write_cleans_up(case, result, tmp_path):
     out = tmp_path / "merged"
     old = merge_loras(case.model, case.adapters, method="task_arithmetic", progress=False)

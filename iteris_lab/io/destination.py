@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
@@ -36,6 +37,7 @@ try:
 except ImportError:  # not POSIX: no lock (documented in docs/reliability.md)
     fcntl = None
 
+_local = threading.local()
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 REPORT_FILES = ("iteris_report.json",)  # describes the adapter beside it: never kept next to a new one
 STAGING, ASIDE, LOCK, PROBE = ".iteris-staging-", ".iteris-old-", ".iteris-lock", ".iteris-probe-"
@@ -174,7 +176,7 @@ def _refuse_unwritable(path, target: Path) -> None:
 def _refuse_locked(target: Path) -> None:
     """Fail early when another writer holds the destination's lock (the real lock is taken at write time)."""
     lock = _lock_path(target)
-    if fcntl is None or not lock.exists():
+    if fcntl is None or not lock.exists() or lock in _held():
         return
     try:
         fd = os.open(lock, os.O_RDONLY)
@@ -218,13 +220,22 @@ def _busy(target: Path, lock: Path) -> str:
             "another destination.")
 
 
+def _held() -> set:
+    """The lock files this thread holds: a caller (the CLI) may hold a destination's lock for a whole run, and the
+    writer it calls then writes under that same lock."""
+    if not hasattr(_local, "held"):
+        _local.held = set()
+    return _local.held
+
+
 @contextmanager
-def writer_lock(target: Path):
-    """Hold the destination's lock file (exclusive flock) for the block; ExportError at once if it is held."""
-    if fcntl is None:
+def writer_lock(target):
+    """Hold the destination's lock file (exclusive flock) for the block; ExportError at once if another process or
+    thread holds it. Re-entrant within a thread."""
+    lock = _lock_path(normalise(target))
+    if fcntl is None or lock in _held():
         yield
         return
-    lock = _lock_path(target)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -238,11 +249,13 @@ def writer_lock(target: Path):
         except FileNotFoundError:
             pass
         os.close(fd)
+    _held().add(lock)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
     finally:
+        _held().discard(lock)
         try:
             os.unlink(lock)  # while still locked, so no one else can be holding this file
         except OSError:
@@ -264,7 +277,7 @@ def write_folder(path, fill: Callable[[Path], None], *, overwrite: bool = False,
     target = check_destination(path, overwrite, inputs=inputs, produces=produces)
     created = _make_parents(target)
     try:
-        with writer_lock(target), _environment(target):
+        with _environment(target), writer_lock(target):
             _recover(target)
             _check(path, overwrite, inputs, produces, "folder", None, probe_lock=False)  # as it is now, locked
             replace_folder(target, fill)
@@ -281,7 +294,7 @@ def write_file(path, fill: Callable[[Path], None], *, overwrite: bool = False, i
     target = check_destination(path, overwrite, inputs=inputs, kind="file", replaceable=replaceable)
     created = _make_parents(target)
     try:
-        with writer_lock(target), _environment(target):
+        with _environment(target), writer_lock(target):
             _recover(target)
             _check(path, overwrite, inputs, (), "file", replaceable, probe_lock=False)
             staging = _new_staging(target, folder=False)
