@@ -232,6 +232,9 @@ def test_a_run_may_hold_the_lock_around_its_whole_work(result, tmp_path):
         result.save_adapter(out, extra_files={"iteris_report.json": "{}"})
     assert "is writing" in str(errors[0].value)
     assert listing(tmp_path) == ["inputs", "merged"]
+    with destination.writer_lock(tmp_path / "new" / "deeper" / "merged"):  # parents made for the lock file
+        assert (tmp_path / "new" / "deeper").is_dir()
+    assert listing(tmp_path) == ["inputs", "merged"]  # and removed again, being empty
 
 
 def test_kill_9_mid_save_keeps_the_old_adapter_and_the_next_write_cleans_up(case, result, tmp_path):

@@ -236,6 +236,17 @@ def writer_lock(target):
     if fcntl is None or lock in _held():
         yield
         return
+    created = _make_parents(lock)  # removed again on exit when still empty
+    try:
+        with _locked(lock, target):
+            yield
+    finally:
+        _remove_empty(created)
+
+
+@contextmanager
+def _locked(lock: Path, target):
+    """flock on the lock file (created if needed); unlinked on release."""
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
