@@ -298,8 +298,8 @@ def test_a_symlinked_destination_is_called_a_link(result, tmp_path):
     result.save_adapter(real)
     link = tmp_path / "link"
     link.symlink_to(real)
-    with pytest.raises(ExportError, match=r"link is a symbolic link to .*real; outputs are not written through "
-                                          "links"):
+    with pytest.raises(ExportError, match=r"link is a symbolic link to .*real; a link or a special file is never "
+                                          "replaced nor written through"):
         result.save_adapter(link, overwrite=True)
     assert link.is_symlink() and (real / "adapter_config.json").is_file()
 

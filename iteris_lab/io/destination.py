@@ -87,7 +87,7 @@ def _check(path, overwrite, inputs, produces, kind, replaceable, probe_lock: boo
     target = normalise(path)
     odd = describe(target)
     if odd:
-        raise ExportError(f"{path} is {odd}; outputs are not written through links or into special files. "
+        raise ExportError(f"{path} is {odd}; a link or a special file is never replaced nor written through. "
                           f"Give a new {kind} name (or the real path the link points to).")
     if kind == "folder" and target.exists() and not target.is_dir():
         raise ExportError(f"{path} is an existing file, not a folder; give a folder name for the adapter.")
