@@ -6,7 +6,6 @@ every one fails on the code before the rule. Inputs are fingerprinted (sha256 of
 import copy
 import errno
 import hashlib
-import json
 import os
 import shutil
 import subprocess
