@@ -24,7 +24,7 @@ import torch
 from ...adapters import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
-from ..harness import score_row
+from ..harness import PER_EXAMPLE, score_row, split_outcomes
 from .tasks import calibration_batches
 from .track import LlmTrack, load_track
 
@@ -48,7 +48,7 @@ def own_accuracy(track: LlmTrack, limit: int | None) -> dict[str, float]:
     own = {}
     for task, path in track.adapters.items():
         with weights_added(track.model, load_adapter(path).layers):
-            own[task] = track.evaluate("test", limit, tasks=[task])[task]
+            own[task] = split_outcomes(track.evaluate("test", limit, tasks=[task]))[0][task]
     return own
 
 
@@ -59,13 +59,14 @@ def calibration(track: LlmTrack, samples: int, seed: int = 0, batch_size: int = 
 
 
 def score(track: LlmTrack, deltas: dict, limit: int | None, own: dict[str, float]) -> dict:
-    """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds."""
+    """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds, and
+    the per-example outcomes ({task: {"correct": [1/0 per test example]}}: harness.paired compares two rows)."""
     start = time.perf_counter()
     with weights_added(track.model, deltas):
-        accuracy = track.evaluate("test", limit)
+        accuracy, outcomes = split_outcomes(track.evaluate("test", limit))
     row = score_row("", "", accuracy, own)
     return {key: row[key] for key in ("accuracy", "mean_accuracy", "normalized", "mean_normalized")} | {
-        "eval_seconds": round(time.perf_counter() - start, 2)}
+        "eval_seconds": round(time.perf_counter() - start, 2), PER_EXAMPLE: outcomes}
 
 
 def merge_row(track: LlmTrack, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,

@@ -12,8 +12,8 @@ import torch
 
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
-from ..harness import (ITERIS_GRID, References, Track, choose_iteris, environment, markdown_table, run_methods,
-                       score_row)
+from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, markdown_table,
+                       run_methods, score_row, split_outcomes)
 
 
 @dataclass
@@ -29,12 +29,15 @@ class LlmTrack(Track):
     max_length: int
 
     def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "", progress: bool = False) -> dict:
-        """{task: accuracy} (only `tasks` when given)."""
+        """{task: accuracy (only `tasks` when given), "per_example": {task: {"correct": [1 or 0 per example, in
+        test-set order]}}} (the harness's per-example contract; harness.split_outcomes separates the two)."""
         from .evaluate import evaluate_tasks
 
         chosen = {t: self.tasks[t] for t in tasks} if tasks else self.tasks
-        return evaluate_tasks(self.model, self.tokenizer, chosen, heads=self.heads, split=split, limit=limit,
-                              max_length=self.max_length, progress=progress)
+        outcomes = evaluate_tasks(self.model, self.tokenizer, chosen, heads=self.heads, split=split, limit=limit,
+                                  max_length=self.max_length, progress=progress, outcomes=True)
+        return {**{t: sum(o) / len(o) for t, o in outcomes.items()},
+                PER_EXAMPLE: {t: {"correct": o} for t, o in outcomes.items()}}
 
     def calibration(self, samples: int, batch_size: int) -> list[list]:
         from .tasks import calibration_batches
@@ -80,7 +83,7 @@ def load_track(name: str, adapter_root=None, names=None) -> LlmTrack:
 
 def evaluate_track(track: LlmTrack, limit: int | None, progress: bool = False, split: str = "test") -> dict:
     """{task: accuracy} of the track's model as its weights stand now (W0, or W0 + ΔW inside `weights_added`)."""
-    return track.evaluate(split, limit, progress=progress)
+    return split_outcomes(track.evaluate(split, limit, progress=progress))[0]
 
 
 # ---------------------------------------------------------------- the demo and the benchmark
