@@ -9,15 +9,55 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from iteris_lab.tracks.harness import markdown_table
+from iteris_lab.tracks.harness import PER_EXAMPLE, accuracy_columns, markdown_table, own_scale, paired_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TITLES = {"minilm": "all-MiniLM-L6-v2 (encoder, sequence classification)",
-          "smollm2": "SmolLM2-135M-Instruct (causal LM, prompted)"}
+          "smollm2": "SmolLM2-135M-Instruct (causal LM, prompted)",
+          "smollm2_ci": "SmolLM2-135M-Instruct, re-run at the `ci` size with per-example outcomes"}
+REFERENCE = "iteris"  # what every interval is paired against
+DATA_FREE = ("linear", "task_arithmetic", "ties", "dare_ties", "cat")
+CONFIDENCE = 0.95
 
 
-def section(name: str, out: dict) -> str:
+def has_outcomes(rows: list[dict]) -> bool:
+    return all(PER_EXAMPLE in r for r in rows)
+
+
+def interval_text(d) -> str:
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {d.verdict}"
+
+
+def interval_columns(rows: list[dict]):
+    """The table's columns plus the paired difference of each row's mean normalized accuracy from IterIS."""
+    scale, ref = own_scale(rows), next(r for r in rows if r["label"] == REFERENCE)
+
+    def cell(r):
+        if r is ref:
+            return "(reference)"
+        return interval_text(paired_mean(r, ref, "correct", scale, confidence=CONFIDENCE))
+
+    return accuracy_columns(rows) + [(f"mean norm. − {REFERENCE} ({CONFIDENCE:.0%} paired interval)", cell)]
+
+
+def interval_lines(rows: list[dict], run: str) -> list[str]:
+    """The paired comparisons the readings rest on, each with its interval and verdict, or the plain statement
+    that none can be given."""
+    if not has_outcomes(rows):
+        return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them).", ""]
+    by, scale = {r["label"]: r for r in rows}, own_scale(rows)
+    best_free = max((k for k in DATA_FREE if k in by), key=lambda k: by[k]["mean_normalized"])
+    pairs = [(REFERENCE, "regmean"), (REFERENCE, "regmean_many"), (REFERENCE, best_free), ("regmean", best_free),
+             ("iteris_sweep", REFERENCE)]
+    text = [f"`{a}` − `{b}`: {interval_text(paired_mean(by[a], by[b], 'correct', scale, confidence=CONFIDENCE))}"
+            for a, b in pairs if a in by and b in by]
+    return [f"Paired differences of mean normalized accuracy ({CONFIDENCE:.0%} paired bootstrap over the test "
+            f"examples, 10,000 resamples, seed 0; `{best_free}` is the best data-free merge here): "
+            + "; ".join(text) + ".", ""]
+
+
+def section(name: str, out: dict, run: str) -> str:
     env, rows = out["environment"], out["results"]
     by = {r["label"]: r for r in rows}
     tasks = ", ".join(f"{t} ({v['evaluated']} test examples)" for t, v in out["tasks"].items())
@@ -29,7 +69,8 @@ def section(name: str, out: dict) -> str:
         chosen = out["iteris_chosen"]
         lines += [f"IterIS settings chosen on validation: alpha={chosen['alpha']}, "
                   f"adaptive_weights={chosen['adaptive_weights']} (grid below).", ""]
-    lines += [markdown_table(rows), ""]
+    lines += [markdown_table(rows, interval_columns if has_outcomes(rows) else accuracy_columns), ""]
+    lines += interval_lines(rows, run)
     headline = [f"{label} {by[label]['mean_normalized']:.3f}" for label in
                 ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear", "ties") if label in by]
     lines += ["Mean normalized accuracy: " + ", ".join(headline) + ".", ""]
@@ -40,6 +81,10 @@ def section(name: str, out: dict) -> str:
                   for g in out["iteris_validation"]]
         lines.append("")
     png = ROOT / "docs" / f"{name}_scores.png"
+    if has_outcomes(rows):
+        from iteris_lab.tracks.llm.track import score_plot
+
+        score_plot(out, png, REFERENCE)
     if png.is_file():
         lines += [f"![{name} normalized scores]({png.name})", ""]
     return "\n".join(lines)
@@ -88,6 +133,15 @@ def diffusion_section(out: dict) -> str:
     return "\n".join(lines)
 
 
+def outcomes_note(path: Path, run: str) -> list[str]:
+    """For a track rendered elsewhere: say whether its rows can be compared paired."""
+    rows = json.loads(path.read_text())["results"] if path.is_file() else []
+    if rows and has_outcomes(rows):
+        return ["Every row of this run stores per-example outcomes: compare two rows with "
+                "`iteris_lab.tracks.harness.paired(row_a, row_b, task, metric)`.", ""]
+    return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them).", ""]
+
+
 def main() -> int:
     notes = ROOT / "docs" / "results_notes.md"
     parts = ["# Results", "",
@@ -95,17 +149,23 @@ def main() -> int:
              "wrote (`benchmarks/results/*.json`); reproduce with `ITERIS_PROFILE=cpu python benchmarks/llm.py "
              "--model minilm` (or `smollm2`), `benchmarks/vlm.py` and `benchmarks/diffusion.py`. Normalized = accuracy / accuracy of the task's own LoRA; "
              "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", ""]
-    for name in ("minilm", "smollm2"):
+    runs = {"minilm": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model minilm",
+            "smollm2": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model smollm2",
+            "smollm2_ci": "ITERIS_PROFILE=ci python benchmarks/llm.py --model smollm2 --out DIR, then DIR/smollm2.json "
+                          "to benchmarks/results/smollm2_ci.json"}
+    for name, run in runs.items():
         path = RESULTS / f"{name}.json"
         if path.is_file():
-            parts.append(section(name, json.loads(path.read_text())))
+            parts.append(section(name, json.loads(path.read_text()), run))
     if (RESULTS / "vlm.md").is_file():  # written by benchmarks/vlm.py from its JSON
         parts += ["## Vision-language: caption-style LoRAs on a small LLaVA (SmolLM2-135M)", "",
                   "Reproduce with `ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation`; metrics and their "
                   "reading in [vlm.md](vlm.md).", "",
                   (RESULTS / "vlm.md").read_text().split("\n", 1)[1].strip(), ""]
+        parts += outcomes_note(RESULTS / "vlm.json", "ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation")
     if (RESULTS / "diffusion.json").is_file():
         parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
+        parts += outcomes_note(RESULTS / "diffusion.json", "ITERIS_PROFILE=cpu python benchmarks/diffusion.py")
     if (RESULTS / "study.json").is_file():  # chapter 06's task-count study, rendered by benchmarks/study_md.py
         from study_md import task_count_section
 

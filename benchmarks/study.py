@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks_order2   # the same, tasks added in another order
     OMP_NUM_THREADS=1 python benchmarks/study.py --part live     # the ci-sized point chapter 06 recomputes
     OMP_NUM_THREADS=1 python benchmarks/study.py --part paired   # MiniLM rows with per-example outcomes (intervals)
+    OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks_paired  # all six SmolLM2 tasks merged, with outcomes
 Each part updates its own key of benchmarks/results/study.json (with its sizes, seeds, times and load average);
 the functions are in iteris_lab/tracks/llm/study.py. Then `python benchmarks/results_md.py` re-renders the table.
 """
@@ -176,6 +177,22 @@ def part_paired() -> dict:
             "loras": lora_rows, "rows": rows}
 
 
+def part_tasks_paired() -> dict:
+    """The k = 6 merges of part "tasks" again (the same in both orders), with per-example outcomes; normalized by
+    the own-LoRA accuracies that part measured on the same examples."""
+    cfg, iteris = SMOLLM2, chosen("smollm2")
+    stored = json.loads(OUT.read_text())["tasks"]
+    track = study.study_track("smollm2", TASK_ORDER)
+    own, rows = stored["own"], []
+    for label in cfg["methods"]:
+        s = dict(spec(label, iteris, cfg["samples"]))
+        method = s.pop("method")
+        rows.append({"label": label, "k": len(TASK_ORDER), **study.merge_row(track, method, own, cfg["limit"], **s)})
+        log("tasks_paired", label, round(rows[-1]["mean_normalized"], 4), rows[-1]["merge_seconds"])
+    return {"model": "smollm2", "order": list(TASK_ORDER), "own": own, "iteris_settings": iteris, "config": cfg,
+            "rows": rows}
+
+
 def part_live() -> dict:
     track = study.study_track("minilm")
     own = study.own_accuracy(track, LIVE["limit"])
@@ -186,7 +203,7 @@ def part_live() -> dict:
 
 
 PARTS = {"minilm": part_minilm, "tasks": part_tasks, "tasks_order2": lambda: part_tasks(TASK_ORDER_2),
-         "live": part_live, "paired": part_paired}
+         "live": part_live, "paired": part_paired, "tasks_paired": part_tasks_paired}
 
 
 def main(argv=None) -> int:

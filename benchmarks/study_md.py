@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from iteris_lab.tracks.llm.study import normalized_difference, smallest_p
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "benchmarks" / "results" / "study.json"
 LABELS = {"linear": "linear", "task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean",
@@ -65,7 +67,27 @@ def task_count_section(study: dict) -> str:
     lines += [""]
     for key, p in parts.items():
         lines += [f"*{PARTS[key].capitalize()}.* " + reading(p, labels, ks), ""]
+    lines += [paired_k6(study.get("tasks_paired")), ""]
     return "\n".join(lines)
+
+
+def paired_k6(part: dict | None) -> str:
+    """The k = 6 merges re-measured with per-example outcomes (`--part tasks_paired`), as paired intervals."""
+    if not part:
+        return ("No interval: per-example outcomes not stored for these merges (run `python benchmarks/study.py "
+                "--part tasks_paired` for k = 6, `--part tasks` with this version for every k).")
+    by = {r["label"]: r for r in part["rows"]}
+    pairs = [("iteris_sweep", "regmean"), ("regmean", "linear"), ("iteris_sweep", "linear"),
+             ("linear", "task_arithmetic")]
+    text = "; ".join(f"{LABELS[a]} − {LABELS[b]} {_interval(normalized_difference(by[a], by[b], part['own']))}"
+                     for a, b in pairs if a in by and b in by)
+    return (f"All {len(part['order'])} tasks merged, re-measured with per-example outcomes (`--part tasks_paired`, "
+            f"{part['seconds'] / 60:.0f} min, load average {part['load_average_start'][0]:.1f}): paired differences "
+            f"of mean normalized accuracy, 95 % bootstrap: {text}.")
+
+
+def _interval(d) -> str:
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.verdict})"
 
 
 def reading(part: dict, labels, ks) -> str:
@@ -77,8 +99,15 @@ def reading(part: dict, labels, ks) -> str:
     gaps = ", ".join(f"k={k}: {by[(k, 'iteris_sweep')]['mean_normalized'] - by[(k, 'regmean')]['mean_normalized']:+.3f}"
                      for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     limit = part["config"]["limit"]
+    bounds = ", ".join("k={}: {:+d} examples, p ≥ {:.3g}".format(k, *smallest_p(by[(k, "iteris_sweep")],
+                                                                                  by[(k, "regmean")], limit))
+                       for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     return (f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
-            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy.")
+            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy. No interval "
+            f"(per-example outcomes not stored; run `python benchmarks/study.py --part tasks` with this version to "
+            f"get them); IterIS minus RegMean in net test examples over the k tasks, with the smallest exact McNemar "
+            f"p-value any outcomes with those totals could give (p > 0.05: within noise whatever the outcomes): "
+            f"{bounds}.")
 
 
 def main() -> int:

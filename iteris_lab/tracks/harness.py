@@ -306,6 +306,22 @@ def paired_mean(row_a: dict, row_b: dict, metric: str, scale: dict | None = None
     return paired_difference(a, b, **options)
 
 
+def mean_interval(row: dict, metric: str, scale: dict | None = None, tasks=None, **options) -> PairedDifference:
+    """The row's own mean over tasks (as paired_mean weighs them) with its bootstrap interval: the paired
+    difference with a row of zeros on the same examples. For error bars of one model; compare two models with
+    paired_mean, whose interval is narrower because both models meet the same hard examples."""
+    tasks = list(tasks or row.get(PER_EXAMPLE, {}))
+    zero = {"label": "zero", PER_EXAMPLE: {t: {metric: [0.0] * len(per_example(row, t, metric))} for t in tasks}}
+    return paired_mean(row, zero, metric, scale, tasks, **options)
+
+
+def own_scale(rows: list[dict], metric: str = "accuracy") -> dict[str, float]:
+    """{task: 1 / the metric of the task's own LoRA} from the "lora:<task>" rows, for paired_mean(scale=...) on
+    normalized scores."""
+    own = {r["label"].split(":", 1)[1]: r for r in rows if r.get("method") == "lora"}
+    return {task: 1 / row[metric][task] for task, row in own.items() if row[metric][task] > 0}
+
+
 # ---------------------------------------------------------------- rows and tables
 
 

@@ -24,7 +24,8 @@ import torch
 from ...adapters import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
-from ..harness import PER_EXAMPLE, score_row, split_outcomes
+from ...measure import PairedDifference, mcnemar_p
+from ..harness import PER_EXAMPLE, mean_interval, paired_mean, score_row, split_outcomes
 from .tasks import calibration_batches
 from .track import LlmTrack, load_track
 
@@ -109,3 +110,27 @@ def solves_rows(track: LlmTrack, own: dict, limit: int | None, samples: int, max
 def nested_subsets(order, smallest: int = 2) -> list[list[str]]:
     """[order[:2], order[:3], ..., order]: each subset adds one task to the previous one."""
     return [list(order[:k]) for k in range(smallest, len(order) + 1)]
+
+
+# ---------------------------------------------------------------- how sure: intervals for the study's rows
+
+
+def normalized_difference(row_a: dict, row_b: dict, own: dict, **options) -> PairedDifference:
+    """Mean normalized accuracy of row a minus row b (rows of merge_row, same test examples), paired by example,
+    with its 95 % paired bootstrap interval (harness.paired_mean with scale 1 / own accuracy)."""
+    return paired_mean(row_a, row_b, "correct", {t: 1 / own[t] for t in own}, **options)
+
+
+def normalized_interval(row: dict, own: dict, **options) -> PairedDifference:
+    """One row's mean normalized accuracy with its bootstrap interval (harness.mean_interval), for error bars."""
+    return mean_interval(row, "correct", {t: 1 / own[t] for t in own}, **options)
+
+
+def smallest_p(row_a: dict, row_b: dict, limit: int) -> tuple[int, float]:
+    """For rows stored without per-example outcomes: (d, p) with d the net number of test examples row a gets
+    right more than row b over all tasks (`limit` examples per task) and p the smallest exact McNemar p-value any
+    per-example outcomes with those totals could give (every discordant example favouring one side: mcnemar_p(|d|,
+    0) = 2^(1−|d|)). When even p > 0.05 the difference is within noise whatever the outcomes were; when p ≤ 0.05
+    it may or may not be: only the outcomes can tell."""
+    d = sum(round((row_a["accuracy"][t] - row_b["accuracy"][t]) * limit) for t in row_a["accuracy"])
+    return d, mcnemar_p(abs(d), 0)

@@ -143,10 +143,39 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     return out
 
 
-def score_plot(out: dict, path: Path) -> None:
-    from ...viz.plots import plot_scores
+def score_plot(out: dict, path: Path, reference: str = "iteris") -> None:
+    """The benchmark's figure. With per-example outcomes: each merge's mean normalized accuracy with its 95 %
+    bootstrap interval (left) and its paired difference from `reference` (right). Without (an older JSON): the
+    normalized accuracy per task as bars, no error bars."""
+    rows = [r for r in out["results"] if r["method"] != "lora" and r["label"] != "base"]
+    if not all("per_example" in r for r in rows) or reference not in {r["label"] for r in rows}:
+        from ...viz.plots import plot_scores
 
-    table = [{"method": r["label"], "task": t, "normalized": v} for r in out["results"]
-             if r["method"] != "lora" and r["label"] != "base" for t, v in r["normalized"].items()]
-    figure = plot_scores(table, title=f"{out['model']}: normalized accuracy (merged / own LoRA)")
+        table = [{"method": r["label"], "task": t, "normalized": v} for r in rows for t, v in r["normalized"].items()]
+        figure = plot_scores(table, title=f"{out['model']}: normalized accuracy (merged / own LoRA)")
+    else:
+        figure = interval_figure(out, reference)
     figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def interval_figure(out: dict, reference: str = "iteris"):
+    """Left: every merge's mean normalized accuracy with its bootstrap interval; right: its paired difference from
+    `reference` (harness.paired_mean, 95 %, seeded), blue ahead / red behind / grey within noise."""
+    from matplotlib.figure import Figure
+
+    from ...viz.study import plot_intervals
+    from ..harness import mean_interval, own_scale, paired_mean
+
+    scale = own_scale(out["results"])
+    rows = {r["label"]: r for r in out["results"] if r["method"] != "lora" and r["label"] != "base"}
+    fig = Figure(figsize=(11, 1.2 + 0.35 * len(rows)), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    plot_intervals({k: mean_interval(r, "correct", scale) for k, r in rows.items()},
+                   "mean normalized accuracy, 95 % bootstrap interval", "normalized accuracy (mean over tasks)",
+                   reference=None, ax=left)
+    others = {k: r for k, r in rows.items() if k != reference}
+    diffs = {k: paired_mean(r, rows[reference], "correct", scale) for k, r in others.items()}
+    plot_intervals(diffs, f"paired difference from {reference}, 95 % interval",
+                   f"mean normalized: method − {reference}", ax=right)
+    fig.suptitle(f"{out['model']} ({out['profile']} profile): merges of {len(scale)} task LoRAs")
+    return fig
