@@ -41,15 +41,24 @@ def interval_columns(rows: list[dict]):
     return accuracy_columns(rows) + [(f"mean norm. − {REFERENCE} ({CONFIDENCE:.0%} paired interval)", cell)]
 
 
-def interval_lines(rows: list[dict], run: str) -> list[str]:
+def interval_lines(rows: list[dict], run: str, tasks: dict) -> list[str]:
     """The paired comparisons the readings rest on, each with its interval and verdict, or the plain statement
     that none can be given."""
-    if not has_outcomes(rows):
-        return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them).", ""]
-    by, scale = {r["label"]: r for r in rows}, own_scale(rows)
+    by = {r["label"]: r for r in rows}
     best_free = max((k for k in DATA_FREE if k in by), key=lambda k: by[k]["mean_normalized"])
     pairs = [(REFERENCE, "regmean"), (REFERENCE, "regmean_many"), (REFERENCE, best_free), ("regmean", best_free),
              ("iteris_sweep", REFERENCE)]
+    if not has_outcomes(rows):
+        from iteris_lab.tracks.llm.study import smallest_p
+
+        sizes = {t: v["evaluated"] for t, v in tasks.items()}
+        bounds = "; ".join("`{}` − `{}`: {:+d} examples, p ≥ {:.2g}".format(a, b, *smallest_p(by[a], by[b], sizes))
+                           for a, b in pairs[:4] if a in by and b in by)
+        return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them). What the "
+                f"totals allow: net test examples right, and the smallest exact McNemar p-value any per-example "
+                f"outcomes with these totals could give (above 0.05: within noise whatever they were; `{best_free}` "
+                f"is the best data-free merge): {bounds}.", ""]
+    scale = own_scale(rows)
     text = [f"`{a}` − `{b}`: {interval_text(paired_mean(by[a], by[b], 'correct', scale, confidence=CONFIDENCE))}"
             for a, b in pairs if a in by and b in by]
     return [f"Paired differences of mean normalized accuracy ({CONFIDENCE:.0%} paired bootstrap over the test "
@@ -70,7 +79,7 @@ def section(name: str, out: dict, run: str) -> str:
         lines += [f"IterIS settings chosen on validation: alpha={chosen['alpha']}, "
                   f"adaptive_weights={chosen['adaptive_weights']} (grid below).", ""]
     lines += [markdown_table(rows, interval_columns if has_outcomes(rows) else accuracy_columns), ""]
-    lines += interval_lines(rows, run)
+    lines += interval_lines(rows, run, out["tasks"])
     headline = [f"{label} {by[label]['mean_normalized']:.3f}" for label in
                 ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear", "ties") if label in by]
     lines += ["Mean normalized accuracy: " + ", ".join(headline) + ".", ""]

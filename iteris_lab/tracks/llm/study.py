@@ -126,11 +126,12 @@ def normalized_interval(row: dict, own: dict, **options) -> PairedDifference:
     return mean_interval(row, "correct", {t: 1 / own[t] for t in own}, **options)
 
 
-def smallest_p(row_a: dict, row_b: dict, limit: int) -> tuple[int, float]:
+def smallest_p(row_a: dict, row_b: dict, limit) -> tuple[int, float]:
     """For rows stored without per-example outcomes: (d, p) with d the net number of test examples row a gets
-    right more than row b over all tasks (`limit` examples per task) and p the smallest exact McNemar p-value any
-    per-example outcomes with those totals could give (every discordant example favouring one side: mcnemar_p(|d|,
-    0) = 2^(1−|d|)). When even p > 0.05 the difference is within noise whatever the outcomes were; when p ≤ 0.05
-    it may or may not be: only the outcomes can tell."""
-    d = sum(round((row_a["accuracy"][t] - row_b["accuracy"][t]) * limit) for t in row_a["accuracy"])
+    right more than row b over all tasks (`limit` examples per task: a number, or {task: number}) and p the
+    smallest exact McNemar p-value any per-example outcomes with those totals could give (every discordant
+    example favouring one side: mcnemar_p(|d|, 0) = 2^(1−|d|)). When even p > 0.05 the difference is within
+    noise whatever the outcomes were; when p ≤ 0.05 it may or may not be: only the outcomes can tell."""
+    sizes = limit if isinstance(limit, dict) else {t: limit for t in row_a["accuracy"]}
+    d = sum(round((row_a["accuracy"][t] - row_b["accuracy"][t]) * sizes[t]) for t in row_a["accuracy"])
     return d, mcnemar_p(abs(d), 0)
