@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from iteris_lab.profiles import current_profile
-from iteris_lab.tracks.harness import run_methods
+from iteris_lab.tracks.harness import run_methods, to_json
 from iteris_lab.tracks.llm.track import _on_gpu, load_track, report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                   "note": "settings chosen on validation by that earlier run; test rows re-measured"},
                  load_average_start=[round(x, 2) for x in load],
                  load_average_end=[round(x, 2) for x in os.getloadavg()], finished=time.strftime("%Y-%m-%d %H:%M"))
-    Path(args.out or source).write_text(json.dumps(out, indent=1) + "\n")
+    Path(args.out or source).write_text(to_json(out) + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from iteris_lab.profiles import PROFILES
 from iteris_lab.adapters import load_adapter
 from iteris_lab.measure import weights_added
-from iteris_lab.tracks.harness import score_row, split_outcomes
+from iteris_lab.tracks.harness import score_row, split_outcomes, to_json
 from iteris_lab.tracks.llm import study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         path = Path(args.out)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[part] = result
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        path.write_text(to_json(data) + "\n")
         log(part, "done in", result["seconds"], "s")
     return 0
 

@@ -148,3 +148,10 @@ def test_rows_without_outcomes_or_on_other_examples_say_what_to_do():
         harness.paired(new, {"label": "x", "per_example": {"t": {"correct": [1, 0]}}}, "t", "correct")
     with pytest.raises(harness.OutcomesError, match="same test examples"):
         harness.paired_mean(new, {"label": "x", "per_example": {"t": {"correct": [1, 0]}}}, "correct")
+
+
+def test_results_json_keeps_each_outcome_list_on_one_line_and_reads_back_equal():
+    out = {"results": [{"label": "x [1,\n 2]", "per_example": {"t": {"correct": [1, 0, 1], "score": [0.5, -1e-05]}}}]}
+    text = harness.to_json(out)
+    assert json.loads(text) == out
+    assert '"correct": [1, 0, 1]' in text and '"score": [0.5, -1e-05]' in text

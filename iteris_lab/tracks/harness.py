@@ -371,6 +371,18 @@ def markdown_table(rows: list[dict], columns: Callable[[list[dict]], list[Column
     return "\n".join(lines)
 
 
+def to_json(out: dict, indent: int = 1) -> str:
+    """The results as JSON text, each list of numbers (per-example outcomes) on one line, so that a file of a few
+    thousand outcomes per row stays readable and diffs by row."""
+    import json
+    import re
+
+    # A list that json.dumps broke over lines starts with "[" and a newline, which no JSON string holds unescaped,
+    # so only such lists are joined and strings are never touched.
+    text = json.dumps(out, indent=indent)
+    return re.sub(r"\[\n[-+\d.,eE\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+
+
 def environment() -> dict:
     import peft
     import transformers

@@ -13,7 +13,7 @@ import torch
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
 from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, markdown_table,
-                       run_methods, score_row, split_outcomes)
+                       run_methods, score_row, split_outcomes, to_json)
 
 
 @dataclass
@@ -135,7 +135,7 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=tried, iteris_chosen=chosen)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{model}.json").write_text(json.dumps(out, indent=2))
+    (out_dir / f"{model}.json").write_text(to_json(out))
     (out_dir / f"{model}.md").write_text(markdown_table(rows) + "\n")
     if figures is not None:
         score_plot(out, Path(figures) / f"{model}_scores.png")
