@@ -157,15 +157,24 @@ def main() -> int:
              "Every table below is rendered by `python benchmarks/results_md.py` from the JSON that the benchmark "
              "wrote (`benchmarks/results/*.json`); reproduce with `ITERIS_PROFILE=cpu python benchmarks/llm.py "
              "--model minilm` (or `smollm2`), `benchmarks/vlm.py` and `benchmarks/diffusion.py`. Normalized = accuracy / accuracy of the task's own LoRA; "
-             "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", ""]
+             "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", "",
+             "Comparisons carry a 95 % paired bootstrap interval over the test examples "
+             "(`iteris_lab.measure.paired_difference`; *ahead* / *behind* when it excludes 0, else *within noise*) "
+             "wherever a run stored every example's outcome; a table without them says so, how to get them, and "
+             "what its totals allow.", ""]
     runs = {"minilm": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model minilm",
             "smollm2": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model smollm2",
             "smollm2_ci": "ITERIS_PROFILE=ci python benchmarks/llm.py --model smollm2 --out DIR, then DIR/smollm2.json "
                           "to benchmarks/results/smollm2_ci.json"}
+    study = json.loads((RESULTS / "study.json").read_text()) if (RESULTS / "study.json").is_file() else {}
     for name, run in runs.items():
         path = RESULTS / f"{name}.json"
         if path.is_file():
             parts.append(section(name, json.loads(path.read_text()), run))
+        if name == "minilm" and study.get("paired"):
+            from study_md import paired_section
+
+            parts.append(paired_section(study))
     if (RESULTS / "vlm.md").is_file():  # written by benchmarks/vlm.py from its JSON
         parts += ["## Vision-language: caption-style LoRAs on a small LLaVA (SmolLM2-135M)", "",
                   "Reproduce with `ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation`; metrics and their "
@@ -175,10 +184,10 @@ def main() -> int:
     if (RESULTS / "diffusion.json").is_file():
         parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
         parts += outcomes_note(RESULTS / "diffusion.json", "ITERIS_PROFILE=cpu python benchmarks/diffusion.py")
-    if (RESULTS / "study.json").is_file():  # chapter 06's task-count study, rendered by benchmarks/study_md.py
+    if study:  # chapter 06's task-count study, rendered by benchmarks/study_md.py
         from study_md import task_count_section
 
-        parts.append(task_count_section(json.loads((RESULTS / "study.json").read_text())))
+        parts.append(task_count_section(study))
     if notes.is_file():
         parts.append(notes.read_text())
     (ROOT / "docs" / "results.md").write_text("\n".join(parts))

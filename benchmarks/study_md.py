@@ -32,6 +32,40 @@ def _mean_table(part: dict, labels, ks) -> list[str]:
     return lines
 
 
+def paired_section(study: dict) -> str:
+    """MiniLM comparisons with intervals, from the study's part `paired` (first `limit` test examples per task,
+    every example's outcome stored)."""
+    part = study.get("paired")
+    if not part:
+        return ""
+    cfg, valid, own = part["config"], part["iteris_settings"], part["own"]
+
+    def row(label, samples=0, **settings):
+        settings = {**valid, **settings} if label == "iteris_sweep" else settings
+        return next(r for r in part["rows"] if r["label"] == label and r["samples"] == samples and r["seed"] == 0
+                    and all(r.get(k) == v for k, v in settings.items()))
+
+    n = cfg["alpha_samples"]
+    it = row("iteris_sweep", n)
+    pairs = [(f"IterIS (sweep, validated) − RegMean, both {n} samples", it, row("regmean", n)),
+             (f"IterIS {n} − RegMean {max(cfg['samples'])} samples", it, row("regmean", max(cfg["samples"]))),
+             (f"IterIS α = {cfg['alpha']} − α = {valid['alpha']}, {n} samples",
+              row("iteris_sweep", n, alpha=cfg["alpha"]), it)]
+    pairs += [(f"{LABELS[f]} − IterIS {n}", row(f), it) for f in cfg["data_free"]]
+    pairs += [(f"{LABELS[f]} − RegMean {n}", row(f), row("regmean", n)) for f in cfg["data_free"]]
+    lines = [f"### all-MiniLM-L6-v2: paired intervals on the first {cfg['limit']} test examples per task", "",
+             f"From chapter 06's study (`python benchmarks/study.py --part paired`, {part['seconds'] / 60:.0f} min on "
+             f"{part['torch_threads']} thread, load average {part['load_average_start'][0]:.1f} at the start, "
+             f"{part['finished']}): the same merges as the table above, measured on the first {cfg['limit']} test "
+             f"examples of each task with every outcome stored, seed-0 calibration draws, IterIS (sweep) with the "
+             f"validated settings unless named. Mean normalized accuracy, 95 % paired bootstrap:", "",
+             "| comparison | difference [95 % interval] | verdict |", "|---|---|---|"]
+    for name, a, b in pairs:
+        d = normalized_difference(a, b, own)
+        lines.append(f"| {name} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.verdict} |")
+    return "\n".join(lines + [""])
+
+
 def task_count_section(study: dict) -> str:
     parts = {key: study[key] for key in PARTS if key in study}
     part = parts["tasks"]
