@@ -174,7 +174,7 @@ def main() -> int:
         if name == "minilm" and study.get("paired"):
             from study_md import paired_section
 
-            parts.append(paired_section(study))
+            parts.append(paired_section(study, ROOT / "docs" / "minilm_paired.png"))
     if (RESULTS / "vlm.md").is_file():  # written by benchmarks/vlm.py from its JSON
         parts += ["## Vision-language: caption-style LoRAs on a small LLaVA (SmolLM2-135M)", "",
                   "Reproduce with `ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation`; metrics and their "

@@ -32,9 +32,9 @@ def _mean_table(part: dict, labels, ks) -> list[str]:
     return lines
 
 
-def paired_section(study: dict) -> str:
+def paired_section(study: dict, figure: Path | None = None) -> str:
     """MiniLM comparisons with intervals, from the study's part `paired` (first `limit` test examples per task,
-    every example's outcome stored)."""
+    every example's outcome stored); with `figure`, also draws them there (error bars) and links the file."""
     part = study.get("paired")
     if not part:
         return ""
@@ -63,6 +63,17 @@ def paired_section(study: dict) -> str:
     for name, a, b in pairs:
         d = normalized_difference(a, b, own)
         lines.append(f"| {name} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.verdict} |")
+    if figure is not None:
+        from iteris_lab.tracks.llm.track import score_plot
+
+        big = max(cfg["samples"])
+        chosen = {**{f: row(f) for f in cfg["data_free"]}, f"regmean {n}": row("regmean", n),
+                  f"regmean {big}": row("regmean", big), f"iteris {big}": row("iteris_sweep", big),
+                  f"iteris α={cfg['alpha']}": row("iteris_sweep", n, alpha=cfg["alpha"]), f"iteris {n}": it}
+        results = part["loras"] + [{**r, "label": label} for label, r in chosen.items()]
+        score_plot({"model": part["model"], "subtitle": f"first {cfg['limit']} test examples per task",
+                    "results": results}, figure, reference=f"iteris {n}")
+        lines += ["", f"![minilm paired intervals]({figure.name})"]
     return "\n".join(lines + [""])
 
 

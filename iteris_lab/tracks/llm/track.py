@@ -177,5 +177,6 @@ def interval_figure(out: dict, reference: str = "iteris"):
     diffs = {k: paired_mean(r, rows[reference], "correct", scale) for k, r in others.items()}
     plot_intervals(diffs, f"paired difference from {reference}, 95 % interval",
                    f"mean normalized: method − {reference}", ax=right)
-    fig.suptitle(f"{out['model']} ({out['profile']} profile): merges of {len(scale)} task LoRAs")
+    where = out.get("subtitle") or f"{out['profile']} profile"
+    fig.suptitle(f"{out['model']} ({where}): merges of {len(scale)} task LoRAs")
     return fig
