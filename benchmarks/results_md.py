@@ -164,8 +164,8 @@ def main() -> int:
              "what its totals allow.", ""]
     runs = {"minilm": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model minilm",
             "smollm2": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model smollm2",
-            "smollm2_ci": "ITERIS_PROFILE=ci python benchmarks/llm.py --model smollm2 --out DIR, then DIR/smollm2.json "
-                          "to benchmarks/results/smollm2_ci.json"}
+            "smollm2_ci": "ITERIS_PROFILE=ci python benchmarks/llm_outcomes.py --model smollm2 "
+                          "--out benchmarks/results/smollm2_ci.json"}
     study = json.loads((RESULTS / "study.json").read_text()) if (RESULTS / "study.json").is_file() else {}
     for name, run in runs.items():
         path = RESULTS / f"{name}.json"
