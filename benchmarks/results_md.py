@@ -9,15 +9,64 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from iteris_lab.tracks.harness import markdown_table
+from iteris_lab.tracks.harness import PER_EXAMPLE, accuracy_columns, markdown_table, own_scale, paired_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TITLES = {"minilm": "all-MiniLM-L6-v2 (encoder, sequence classification)",
-          "smollm2": "SmolLM2-135M-Instruct (causal LM, prompted)"}
+          "smollm2": "SmolLM2-135M-Instruct (causal LM, prompted)",
+          "smollm2_ci": "SmolLM2-135M-Instruct, re-run at the `ci` size with per-example outcomes"}
+REFERENCE = "iteris"  # what every interval is paired against
+DATA_FREE = ("linear", "task_arithmetic", "ties", "dare_ties", "cat")
+CONFIDENCE = 0.95
 
 
-def section(name: str, out: dict) -> str:
+def has_outcomes(rows: list[dict]) -> bool:
+    return all(PER_EXAMPLE in r for r in rows)
+
+
+def interval_text(d) -> str:
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {d.verdict}"
+
+
+def interval_columns(rows: list[dict]):
+    """The table's columns plus the paired difference of each row's mean normalized accuracy from IterIS."""
+    scale, ref = own_scale(rows), next(r for r in rows if r["label"] == REFERENCE)
+
+    def cell(r):
+        if r is ref:
+            return "(reference)"
+        return interval_text(paired_mean(r, ref, "correct", scale, confidence=CONFIDENCE))
+
+    return accuracy_columns(rows) + [(f"mean norm. − {REFERENCE} ({CONFIDENCE:.0%} paired interval)", cell)]
+
+
+def interval_lines(rows: list[dict], run: str, tasks: dict) -> list[str]:
+    """The paired comparisons the readings rest on, each with its interval and verdict, or the plain statement
+    that none can be given."""
+    by = {r["label"]: r for r in rows}
+    best_free = max((k for k in DATA_FREE if k in by), key=lambda k: by[k]["mean_normalized"])
+    pairs = [(REFERENCE, "regmean"), (REFERENCE, "regmean_many"), (REFERENCE, best_free), ("regmean", best_free),
+             ("iteris_sweep", REFERENCE)]
+    if not has_outcomes(rows):
+        from iteris_lab.tracks.llm.study import smallest_p
+
+        sizes = {t: v["evaluated"] for t, v in tasks.items()}
+        bounds = "; ".join("`{}` − `{}`: {:+d} examples, p ≥ {:.2g}".format(a, b, *smallest_p(by[a], by[b], sizes))
+                           for a, b in pairs[:4] if a in by and b in by)
+        return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them). What the "
+                f"totals allow: net test examples right, and the smallest exact McNemar p-value any per-example "
+                f"outcomes with these totals could give (above 0.05: within noise whatever they were; `{best_free}` "
+                f"is the best data-free merge): {bounds}.", ""]
+    scale = own_scale(rows)
+    text = [f"`{a}` − `{b}`: {interval_text(paired_mean(by[a], by[b], 'correct', scale, confidence=CONFIDENCE))}"
+            for a, b in pairs if a in by and b in by]
+    return [f"Paired differences of mean normalized accuracy ({CONFIDENCE:.0%} paired bootstrap over the test "
+            f"examples, 10,000 resamples, seed 0; `{best_free}` is the best data-free merge here): "
+            + "; ".join(text) + ".", ""]
+
+
+def section(name: str, out: dict, run: str) -> str:
     env, rows = out["environment"], out["results"]
     by = {r["label"]: r for r in rows}
     tasks = ", ".join(f"{t} ({v['evaluated']} test examples)" for t, v in out["tasks"].items())
@@ -29,7 +78,8 @@ def section(name: str, out: dict) -> str:
         chosen = out["iteris_chosen"]
         lines += [f"IterIS settings chosen on validation: alpha={chosen['alpha']}, "
                   f"adaptive_weights={chosen['adaptive_weights']} (grid below).", ""]
-    lines += [markdown_table(rows), ""]
+    lines += [markdown_table(rows, interval_columns if has_outcomes(rows) else accuracy_columns), ""]
+    lines += interval_lines(rows, run, out["tasks"])
     headline = [f"{label} {by[label]['mean_normalized']:.3f}" for label in
                 ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear", "ties") if label in by]
     lines += ["Mean normalized accuracy: " + ", ".join(headline) + ".", ""]
@@ -40,6 +90,10 @@ def section(name: str, out: dict) -> str:
                   for g in out["iteris_validation"]]
         lines.append("")
     png = ROOT / "docs" / f"{name}_scores.png"
+    if has_outcomes(rows):
+        from iteris_lab.tracks.llm.track import score_plot
+
+        score_plot(out, png, REFERENCE)
     if png.is_file():
         lines += [f"![{name} normalized scores]({png.name})", ""]
     return "\n".join(lines)
@@ -88,28 +142,52 @@ def diffusion_section(out: dict) -> str:
     return "\n".join(lines)
 
 
+def outcomes_note(path: Path, run: str) -> list[str]:
+    """For a track rendered elsewhere: say whether its rows can be compared paired."""
+    rows = json.loads(path.read_text())["results"] if path.is_file() else []
+    if rows and has_outcomes(rows):
+        return ["Every row of this run stores per-example outcomes: compare two rows with "
+                "`iteris_lab.tracks.harness.paired(row_a, row_b, task, metric)`.", ""]
+    return [f"No interval: per-example outcomes not stored in this run (run `{run}` to get them).", ""]
+
+
 def main() -> int:
     notes = ROOT / "docs" / "results_notes.md"
     parts = ["# Results", "",
              "Every table below is rendered by `python benchmarks/results_md.py` from the JSON that the benchmark "
              "wrote (`benchmarks/results/*.json`); reproduce with `ITERIS_PROFILE=cpu python benchmarks/llm.py "
              "--model minilm` (or `smollm2`), `benchmarks/vlm.py` and `benchmarks/diffusion.py`. Normalized = accuracy / accuracy of the task's own LoRA; "
-             "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", ""]
-    for name in ("minilm", "smollm2"):
+             "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", "",
+             "Comparisons carry a 95 % paired bootstrap interval over the test examples "
+             "(`iteris_lab.measure.paired_difference`; *ahead* / *behind* when it excludes 0, else *within noise*) "
+             "wherever a run stored every example's outcome; a table without them says so, how to get them, and "
+             "what its totals allow.", ""]
+    runs = {"minilm": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model minilm",
+            "smollm2": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model smollm2",
+            "smollm2_ci": "ITERIS_PROFILE=ci python benchmarks/llm_outcomes.py --model smollm2 "
+                          "--out benchmarks/results/smollm2_ci.json"}
+    study = json.loads((RESULTS / "study.json").read_text()) if (RESULTS / "study.json").is_file() else {}
+    for name, run in runs.items():
         path = RESULTS / f"{name}.json"
         if path.is_file():
-            parts.append(section(name, json.loads(path.read_text())))
+            parts.append(section(name, json.loads(path.read_text()), run))
+        if name == "minilm" and study.get("paired"):
+            from study_md import paired_section
+
+            parts.append(paired_section(study, ROOT / "docs" / "minilm_paired.png"))
     if (RESULTS / "vlm.md").is_file():  # written by benchmarks/vlm.py from its JSON
         parts += ["## Vision-language: caption-style LoRAs on a small LLaVA (SmolLM2-135M)", "",
                   "Reproduce with `ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation`; metrics and their "
                   "reading in [vlm.md](vlm.md).", "",
                   (RESULTS / "vlm.md").read_text().split("\n", 1)[1].strip(), ""]
+        parts += outcomes_note(RESULTS / "vlm.json", "ITERIS_PROFILE=cpu python benchmarks/vlm.py --mask-ablation")
     if (RESULTS / "diffusion.json").is_file():
         parts.append(diffusion_section(json.loads((RESULTS / "diffusion.json").read_text())))
-    if (RESULTS / "study.json").is_file():  # chapter 06's task-count study, rendered by benchmarks/study_md.py
+        parts += outcomes_note(RESULTS / "diffusion.json", "ITERIS_PROFILE=cpu python benchmarks/diffusion.py")
+    if study:  # chapter 06's task-count study, rendered by benchmarks/study_md.py
         from study_md import task_count_section
 
-        parts.append(task_count_section(json.loads((RESULTS / "study.json").read_text())))
+        parts.append(task_count_section(study))
     if notes.is_file():
         parts.append(notes.read_text())
     (ROOT / "docs" / "results.md").write_text("\n".join(parts))

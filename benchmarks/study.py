@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks    # 2 -> 6 merged SmolLM2 tasks
     OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks_order2   # the same, tasks added in another order
     OMP_NUM_THREADS=1 python benchmarks/study.py --part live     # the ci-sized point chapter 06 recomputes
+    OMP_NUM_THREADS=1 python benchmarks/study.py --part paired   # MiniLM rows with per-example outcomes (intervals)
+    OMP_NUM_THREADS=1 python benchmarks/study.py --part tasks_paired  # all six SmolLM2 tasks merged, with outcomes
 Each part updates its own key of benchmarks/results/study.json (with its sizes, seeds, times and load average);
 the functions are in iteris_lab/tracks/llm/study.py. Then `python benchmarks/results_md.py` re-renders the table.
 """
@@ -18,6 +20,9 @@ from pathlib import Path
 import torch
 
 from iteris_lab.profiles import PROFILES
+from iteris_lab.adapters import load_adapter
+from iteris_lab.measure import weights_added
+from iteris_lab.tracks.harness import score_row, split_outcomes, to_json
 from iteris_lab.tracks.llm import study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +39,12 @@ TASK_ORDER = ("addition", "sentiment", "topic", "subtraction", "larger", "parity
 # A second order (each new task early, a benchmark task last) gives other subsets for k = 2..5 and the same six at k = 6.
 TASK_ORDER_2 = ("subtraction", "sentiment", "larger", "topic", "parity", "addition")
 SMOLLM2 = {"limit": 30, "samples": 16, "methods": ("linear", "task_arithmetic", "regmean", "iteris_sweep")}
+# Chapter 06's comparisons, re-measured with every example's outcome stored so that each one gets a paired interval:
+# the same test examples and seeded draws as part "minilm" (its rows must come out equal), the sample sizes its
+# claims rest on, α = 1e-4 next to the validated 1e-2, the λ variants and the data-free merges on these examples.
+PAIRED = {"limit": MINILM["limit"], "samples": (10, 20, 50, 500), "seeds": (0, 1, 2), "seeds_up_to": 20,
+          "alpha_samples": 50, "alpha": 1e-4, "weights": ("official", "paper"), "data_free": ("linear",
+          "task_arithmetic", "ties")}
 # What chapter 06 recomputes live: ITERIS_PROFILE=ci's sizes on MiniLM.
 LIVE = {"samples": PROFILES["ci"].calibration_samples, "limit": PROFILES["ci"].test_limit, "seed": 0}
 
@@ -117,7 +128,7 @@ def part_tasks(order=TASK_ORDER) -> dict:
     for names in study.nested_subsets(order):
         added = study.subset(track, [t for t in names if t not in own])  # references measured as tasks join
         own.update(study.own_accuracy(added, limit))
-        base.update(added.evaluate("test", limit))
+        base.update(split_outcomes(added.evaluate("test", limit))[0])
         log("own", own, "base", base)
         sub = study.subset(track, names)
         for label in cfg["methods"]:
@@ -130,6 +141,58 @@ def part_tasks(order=TASK_ORDER) -> dict:
             "config": cfg, "rows": rows}
 
 
+def part_paired() -> dict:
+    cfg, iteris = PAIRED, chosen("minilm")
+    track = study.study_track("minilm")
+    limit = cfg["limit"]
+    measured = {}
+    for task, path in track.adapters.items():  # each LoRA on every task: the references, with outcomes
+        with weights_added(track.model, load_adapter(path).layers):
+            measured[task] = split_outcomes(track.evaluate("test", limit))
+    own = {task: accuracy[task] for task, (accuracy, _) in measured.items()}
+    lora_rows = [{**score_row(f"lora:{task}", "lora", accuracy, own), "per_example": outcomes}
+                 for task, (accuracy, outcomes) in measured.items()]
+    log("own", own)
+    rows = []
+    for label in cfg["data_free"]:
+        rows.append({"label": label, **study.merge_row(track, label, own, limit)})
+        log(label, rows[-1]["mean_normalized"])
+    for n in cfg["samples"]:
+        for seed in (cfg["seeds"] if n <= cfg["seeds_up_to"] else cfg["seeds"][:1]):
+            rows.append({"label": "regmean", **study.merge_row(track, "regmean", own, limit, samples=n, seed=seed)})
+            rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, seed=seed,
+                                                                     schedule="sweep", **iteris)})
+            log("samples", n, seed, rows[-2]["mean_normalized"], rows[-1]["mean_normalized"])
+    n = cfg["alpha_samples"]
+    rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, schedule="sweep",
+                                                             alpha=cfg["alpha"],
+                                                             adaptive_weights=iteris["adaptive_weights"])})
+    log("alpha", cfg["alpha"], rows[-1]["mean_normalized"])
+    for weights in cfg["weights"]:
+        rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n,
+                                                                 schedule="sweep", alpha=iteris["alpha"],
+                                                                 adaptive_weights=weights)})
+        log("weights", weights, rows[-1]["mean_normalized"])
+    return {"model": "minilm", "tasks": list(track.tasks), "own": own, "iteris_settings": iteris, "config": cfg,
+            "loras": lora_rows, "rows": rows}
+
+
+def part_tasks_paired() -> dict:
+    """The k = 6 merges of part "tasks" again (the same in both orders), with per-example outcomes; normalized by
+    the own-LoRA accuracies that part measured on the same examples."""
+    cfg, iteris = SMOLLM2, chosen("smollm2")
+    stored = json.loads(OUT.read_text())["tasks"]
+    track = study.study_track("smollm2", TASK_ORDER)
+    own, rows = stored["own"], []
+    for label in cfg["methods"]:
+        s = dict(spec(label, iteris, cfg["samples"]))
+        method = s.pop("method")
+        rows.append({"label": label, "k": len(TASK_ORDER), **study.merge_row(track, method, own, cfg["limit"], **s)})
+        log("tasks_paired", label, round(rows[-1]["mean_normalized"], 4), rows[-1]["merge_seconds"])
+    return {"model": "smollm2", "order": list(TASK_ORDER), "own": own, "iteris_settings": iteris, "config": cfg,
+            "rows": rows}
+
+
 def part_live() -> dict:
     track = study.study_track("minilm")
     own = study.own_accuracy(track, LIVE["limit"])
@@ -140,7 +203,7 @@ def part_live() -> dict:
 
 
 PARTS = {"minilm": part_minilm, "tasks": part_tasks, "tasks_order2": lambda: part_tasks(TASK_ORDER_2),
-         "live": part_live}
+         "live": part_live, "paired": part_paired, "tasks_paired": part_tasks_paired}
 
 
 def main(argv=None) -> int:
@@ -157,7 +220,7 @@ def main(argv=None) -> int:
         path = Path(args.out)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[part] = result
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        path.write_text(to_json(data) + "\n")
         log(part, "done in", result["seconds"], "s")
     return 0
 

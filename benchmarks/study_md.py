@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from iteris_lab.tracks.llm.study import normalized_difference, smallest_p
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "benchmarks" / "results" / "study.json"
 LABELS = {"linear": "linear", "task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean",
@@ -28,6 +30,51 @@ def _mean_table(part: dict, labels, ks) -> list[str]:
         added = f"{order[0]} + {order[1]}" if k == 2 else f"+ {order[k - 1]}"
         lines.append(f"| {k} | {added} | " + " | ".join(cells) + " |")
     return lines
+
+
+def paired_section(study: dict, figure: Path | None = None) -> str:
+    """MiniLM comparisons with intervals, from the study's part `paired` (first `limit` test examples per task,
+    every example's outcome stored); with `figure`, also draws them there (error bars) and links the file."""
+    part = study.get("paired")
+    if not part:
+        return ""
+    cfg, valid, own = part["config"], part["iteris_settings"], part["own"]
+
+    def row(label, samples=0, **settings):
+        settings = {**valid, **settings} if label == "iteris_sweep" else settings
+        return next(r for r in part["rows"] if r["label"] == label and r["samples"] == samples and r["seed"] == 0
+                    and all(r.get(k) == v for k, v in settings.items()))
+
+    n = cfg["alpha_samples"]
+    it = row("iteris_sweep", n)
+    pairs = [(f"IterIS (sweep, validated) − RegMean, both {n} samples", it, row("regmean", n)),
+             (f"IterIS {n} − RegMean {max(cfg['samples'])} samples", it, row("regmean", max(cfg["samples"]))),
+             (f"IterIS α = {cfg['alpha']} − α = {valid['alpha']}, {n} samples",
+              row("iteris_sweep", n, alpha=cfg["alpha"]), it)]
+    pairs += [(f"{LABELS[f]} − IterIS {n}", row(f), it) for f in cfg["data_free"]]
+    pairs += [(f"{LABELS[f]} − RegMean {n}", row(f), row("regmean", n)) for f in cfg["data_free"]]
+    lines = [f"### all-MiniLM-L6-v2: paired intervals on the first {cfg['limit']} test examples per task", "",
+             f"From chapter 06's study (`python benchmarks/study.py --part paired`, {part['seconds'] / 60:.0f} min on "
+             f"{part['torch_threads']} thread, load average {part['load_average_start'][0]:.1f} at the start, "
+             f"{part['finished']}): the same merges as the table above, measured on the first {cfg['limit']} test "
+             f"examples of each task with every outcome stored, seed-0 calibration draws, IterIS (sweep) with the "
+             f"validated settings unless named. Mean normalized accuracy, 95 % paired bootstrap:", "",
+             "| comparison | difference [95 % interval] | verdict |", "|---|---|---|"]
+    for name, a, b in pairs:
+        d = normalized_difference(a, b, own)
+        lines.append(f"| {name} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.verdict} |")
+    if figure is not None:
+        from iteris_lab.tracks.llm.track import score_plot
+
+        big = max(cfg["samples"])
+        chosen = {**{f: row(f) for f in cfg["data_free"]}, f"regmean {n}": row("regmean", n),
+                  f"regmean {big}": row("regmean", big), f"iteris {big}": row("iteris_sweep", big),
+                  f"iteris α={cfg['alpha']}": row("iteris_sweep", n, alpha=cfg["alpha"]), f"iteris {n}": it}
+        results = part["loras"] + [{**r, "label": label} for label, r in chosen.items()]
+        score_plot({"model": part["model"], "subtitle": f"first {cfg['limit']} test examples per task",
+                    "results": results}, figure, reference=f"iteris {n}")
+        lines += ["", f"![minilm paired intervals]({figure.name})"]
+    return "\n".join(lines + [""])
 
 
 def task_count_section(study: dict) -> str:
@@ -65,7 +112,27 @@ def task_count_section(study: dict) -> str:
     lines += [""]
     for key, p in parts.items():
         lines += [f"*{PARTS[key].capitalize()}.* " + reading(p, labels, ks), ""]
+    lines += [paired_k6(study.get("tasks_paired")), ""]
     return "\n".join(lines)
+
+
+def paired_k6(part: dict | None) -> str:
+    """The k = 6 merges re-measured with per-example outcomes (`--part tasks_paired`), as paired intervals."""
+    if not part:
+        return ("No interval: per-example outcomes not stored for these merges (run `python benchmarks/study.py "
+                "--part tasks_paired` for k = 6, `--part tasks` with this version for every k).")
+    by = {r["label"]: r for r in part["rows"]}
+    pairs = [("iteris_sweep", "regmean"), ("regmean", "linear"), ("iteris_sweep", "linear"),
+             ("linear", "task_arithmetic")]
+    text = "; ".join(f"{LABELS[a]} − {LABELS[b]} {_interval(normalized_difference(by[a], by[b], part['own']))}"
+                     for a, b in pairs if a in by and b in by)
+    return (f"All {len(part['order'])} tasks merged, re-measured with per-example outcomes (`--part tasks_paired`, "
+            f"{part['seconds'] / 60:.0f} min, load average {part['load_average_start'][0]:.1f}): paired differences "
+            f"of mean normalized accuracy, 95 % bootstrap: {text}.")
+
+
+def _interval(d) -> str:
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.verdict})"
 
 
 def reading(part: dict, labels, ks) -> str:
@@ -77,8 +144,15 @@ def reading(part: dict, labels, ks) -> str:
     gaps = ", ".join(f"k={k}: {by[(k, 'iteris_sweep')]['mean_normalized'] - by[(k, 'regmean')]['mean_normalized']:+.3f}"
                      for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     limit = part["config"]["limit"]
+    bounds = ", ".join("k={}: {:+d} examples, p ≥ {:.3g}".format(k, *smallest_p(by[(k, "iteris_sweep")],
+                                                                                  by[(k, "regmean")], limit))
+                       for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     return (f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
-            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy.")
+            f"per k: {gaps}. One test example is 1/{limit} = {1 / limit:.3f} of a task's accuracy. No interval "
+            f"(per-example outcomes not stored; run `python benchmarks/study.py --part tasks` with this version to "
+            f"get them); IterIS minus RegMean in net test examples over the k tasks, with the smallest exact McNemar "
+            f"p-value any outcomes with those totals could give (p > 0.05: within noise whatever the outcomes): "
+            f"{bounds}.")
 
 
 def main() -> int:

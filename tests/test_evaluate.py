@@ -149,3 +149,14 @@ def test_empty_split_is_an_error(char_tokenizer):
     task = _task("label_words")
     with pytest.raises(ValueError, match="no test examples"):
         evaluate.evaluate_task(build_tiny("llama"), char_tokenizer, task, limit=0)
+
+
+def test_outcomes_are_per_example_in_test_set_order_although_batches_run_sorted_by_length(char_tokenizer):
+    model = build_tiny("bert")
+    task = _task("sequence_classification")
+    head = {"classifier.weight": torch.zeros(3, 32), "classifier.bias": torch.eye(3)[1] * 10}  # always "neu"
+    outcomes = evaluate.task_outcomes(model, char_tokenizer, task, head=head, batch_size=3)
+    assert outcomes == [int(y == 1) for y in LABELS]  # TEXTS' lengths are not sorted: a sorted order would differ
+    assert evaluate.evaluate_task(model, char_tokenizer, task, batch_size=3) == sum(outcomes) / len(outcomes)
+    both = evaluate.evaluate_tasks(model, char_tokenizer, {"toy": task}, outcomes=True, limit=5)
+    assert both == {"toy": outcomes[:5]}

@@ -102,3 +102,56 @@ def test_given_references_only_the_merges_run_and_rows_say_how_they_were_calibra
     assert again[0]["normalized"] == rows[0]["normalized"]
     table = harness.markdown_table(rows)
     assert "| linear |" in table and table.splitlines()[2].split("|")[-4].strip() == "0"  # samples/task of linear
+
+
+def test_every_row_keeps_its_per_example_outcomes_and_rows_compare_paired(track):
+    profile = PROFILES["ci"]
+    rows = harness.run_methods(track, profile, labels=("linear", "ties"), progress=False)
+    by = {r["label"]: r for r in rows}
+    assert set(by) == {"base", "lora:t0", "lora:t1", "lora:t2", "linear", "ties"}
+    for row in rows:  # reference rows too, in test-set order, and their mean is the row's accuracy
+        for task, acc in row["accuracy"].items():
+            correct = row["per_example"][task]["correct"]
+            assert len(correct) == len(track.tasks[task].test) and set(correct) <= {0, 1}
+            assert sum(correct) / len(correct) == pytest.approx(acc)
+    diff = harness.paired(by["linear"], by["base"], "t0", "correct", resamples=2000)
+    assert diff.mean == pytest.approx(by["linear"]["accuracy"]["t0"] - by["base"]["accuracy"]["t0"])
+    assert diff.low <= diff.mean <= diff.high and diff.p_value is not None
+    own = {t: by[f"lora:{t}"]["accuracy"][t] for t in track.tasks}
+    mean = harness.paired_mean(by["linear"], by["ties"], "correct", scale={t: 1 / own[t] for t in own})
+    assert mean.mean == pytest.approx(by["linear"]["mean_normalized"] - by["ties"]["mean_normalized"])
+    same = harness.paired_mean(by["ties"], by["ties"], "correct")
+    assert (same.mean, same.low, same.high, same.verdict) == (0.0, 0.0, 0.0, "within noise")
+
+
+def test_paired_mean_weighs_each_task_equally_whatever_its_size():
+    a = {"label": "a", "per_example": {"big": {"s": [1.0] * 30}, "small": {"s": [0.0, 0.0]}}}
+    b = {"label": "b", "per_example": {"big": {"s": [0.0] * 30}, "small": {"s": [0.0, 0.0]}}}
+    assert harness.paired_mean(a, b, "s").mean == pytest.approx(0.5)  # (1 + 0) / 2, not 30 / 32
+    assert harness.paired_mean(a, b, "s", scale={"big": 2.0}).mean == pytest.approx(1.0)
+
+
+def test_outcomes_are_taken_from_either_place_the_contract_allows():
+    flat = {"t": 0.5, "per_example": {"t": {"correct": [1, 0]}}}
+    nested = {"t": {"style": 0.5, "per_example": {"style": [1, 0]}}}
+    assert harness.split_outcomes(flat) == ({"t": 0.5}, {"t": {"correct": [1, 0]}})
+    assert harness.split_outcomes(nested) == ({"t": {"style": 0.5}}, {"t": {"style": [1, 0]}})
+    assert "per_example" in nested["t"]  # what the track returned is left as it was
+
+
+def test_rows_without_outcomes_or_on_other_examples_say_what_to_do():
+    old = {"label": "old", "accuracy": {"t": 0.5}}
+    new = {"label": "new", "per_example": {"t": {"correct": [1, 0, 1]}}}
+    with pytest.raises(harness.OutcomesError, match="re-run its benchmark"):
+        harness.paired(new, old, "t", "correct")
+    with pytest.raises(harness.OutcomesError, match="3 and 2 examples"):
+        harness.paired(new, {"label": "x", "per_example": {"t": {"correct": [1, 0]}}}, "t", "correct")
+    with pytest.raises(harness.OutcomesError, match="same test examples"):
+        harness.paired_mean(new, {"label": "x", "per_example": {"t": {"correct": [1, 0]}}}, "correct")
+
+
+def test_results_json_keeps_each_outcome_list_on_one_line_and_reads_back_equal():
+    out = {"results": [{"label": "x [1,\n 2]", "per_example": {"t": {"correct": [1, 0, 1], "score": [0.5, -1e-05]}}}]}
+    text = harness.to_json(out)
+    assert json.loads(text) == out
+    assert '"correct": [1, 0, 1]' in text and '"score": [0.5, -1e-05]' in text

@@ -118,3 +118,45 @@ def test_samples_widget_slider_reads_off_each_method_at_the_chosen_sample_count(
     assert "IterIS (sweep) 0.850" in titles[1] and "IterIS (sweep) 0.800" in titles[2]
     assert titles[0] != titles[1] != titles[2]
     assert len(widget.figure.axes[0].collections) == 0  # the seeded dots are gone
+
+
+def test_samples_figure_draws_the_data_free_references_and_one_error_bar_per_interval():
+    from iteris_lab.measure import PairedDifference
+    from iteris_lab.viz.study import plot_samples
+
+    bars = {"regmean": {50: PairedDifference(0.9, 0.85, 0.95, 100, 0.95)},
+            "iteris_sweep": {5: PairedDifference(0.8, 0.7, 0.9, 100, 0.95),
+                             500: PairedDifference(0.85, 0.8, 0.9, 100, 0.95)}}
+    fig = plot_samples(_fake_samples_study(), references={"ties": 0.97, "linear": 0.93}, intervals=bars)
+    ax = fig.axes[0]
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert {"TIES (data-free)", "linear (average) (data-free)"} <= labels
+    flat = [tuple(line.get_ydata()) for line in ax.get_lines() if line.get_label().endswith("(data-free)")]
+    assert sorted(flat) == [(0.93, 0.93), (0.97, 0.97)]
+    segments = [seg for coll in ax.collections if hasattr(coll, "get_segments") for seg in coll.get_segments()]
+    spans = sorted((round(float(s[0][1]), 3), round(float(s[1][1]), 3)) for s in segments)
+    assert spans == [(0.7, 0.9), (0.8, 0.9), (0.85, 0.95)]  # one vertical bar per interval, low to high
+
+
+def _row(correct_a, correct_b):
+    acc = {t: sum(v) / len(v) for t, v in (("a", correct_a), ("b", correct_b))}
+    return {"label": "x", "accuracy": acc, "per_example": {"a": {"correct": correct_a}, "b": {"correct": correct_b}}}
+
+
+def test_normalized_difference_is_the_difference_of_mean_normalized_accuracies_paired_by_example():
+    own = {"a": 0.5, "b": 0.8}
+    one, two = _row([1, 1, 0, 1], [1, 0, 1, 1, 1]), _row([1, 0, 0, 1], [1, 0, 1, 0, 1])
+    d = study.normalized_difference(one, two, own, resamples=2000)
+    expected = ((0.75 - 0.5) / 0.5 + (0.8 - 0.6) / 0.8) / 2
+    assert d.mean == pytest.approx(expected) and d.low <= d.mean <= d.high
+    alone = study.normalized_interval(one, own, resamples=2000)
+    assert alone.mean == pytest.approx((0.75 / 0.5 + 0.8 / 0.8) / 2)
+
+
+def test_smallest_p_is_the_one_sided_mcnemar_p_of_the_net_count():
+    a = {"accuracy": {"s": 20 / 30, "t": 10 / 30}}
+    b = {"accuracy": {"s": 18 / 30, "t": 9 / 30}}
+    assert study.smallest_p(a, b, 30) == (3, pytest.approx(0.25))   # 3 discordant, all one way: 2 · 2^-3
+    assert study.smallest_p(b, a, {"s": 30, "t": 30})[0] == -3
+    big = {"accuracy": {"s": 26 / 30, "t": 10 / 30}}
+    assert study.smallest_p(big, b, 30)[1] < 0.05                   # 9 net examples could be significant

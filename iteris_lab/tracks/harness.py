@@ -12,6 +12,20 @@ and `validation` (what "best" means on the validation split). Everything else ha
 
 Scores follow the paper: a merged model's metric on task i divided by the same metric of task i's own LoRA is its
 normalized score (`score_row`); the table reports both per task and their means.
+
+Per-example outcomes (the contract every track follows, so that any two rows on one test set compare paired):
+`Track.evaluate` may return, next to its metrics, per-example values of any metric, in test-set order, in either
+place —
+    per task:   metrics[task]["per_example"] = {metric: [value of example 0, 1, ...]}   (tracks whose per-task
+                metrics are a dict, e.g. {"content": .., "style": .., "per_example": {"content": [1, 0, ..]}})
+    top level:  metrics["per_example"] = {task: {metric: [...]}}    (tracks whose per-task metric is one number:
+                the LLM tracks return {task: accuracy, "per_example": {task: {"correct": [1, 0, ...]}}})
+A value is 0/1 (right or wrong: `paired` then adds the exact McNemar p-value) or a score per example. The harness
+takes them out before `Track.score` sees the metrics (`split_outcomes`) and keeps them in every row, reference rows
+included, as row["per_example"] = {task: {metric: [...]}}. Then
+    paired(row_a, row_b, task, metric)         -> measure.PairedDifference of a − b on that task
+    paired_mean(row_a, row_b, metric, scale)   -> the same for the mean over tasks (each task weighted equally,
+                                                  examples paired; scale={task: 1/own metric} gives normalized)
 """
 from __future__ import annotations
 
@@ -19,14 +33,15 @@ import itertools
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..adapters import load_adapter
-from ..measure import PeakMemory, weights_added
+from ..errors import IterisError
+from ..measure import PairedDifference, PeakMemory, paired_difference, weights_added
 from ..merge import merge_loras
 from ..profiles import Profile
 
@@ -34,14 +49,21 @@ DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmea
                 "iteris_sweep")
 ITERIS_GRID = {"alpha": (1e-4, 1e-2), "adaptive_weights": ("official", "paper", "none")}
 Column = tuple[str, Callable[[dict], str]]  # (header, row -> cell text)
+PER_EXAMPLE = "per_example"
+
+
+class OutcomesError(IterisError):
+    """Two rows cannot be compared paired: per-example outcomes missing, or not on the same examples."""
 
 
 @dataclass
 class References:
-    """Metrics of the base model (None when not measured) and, per task, of the model with that task's LoRA."""
+    """Metrics of the base model (None when not measured) and, per task, of the model with that task's LoRA;
+    `outcomes`: {row label ("base", "lora:<task>"): that model's per-example outcomes} where the track gave them."""
 
     base: dict | None
     loras: dict[str, dict]
+    outcomes: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_own(cls, own: dict) -> "References":
@@ -113,17 +135,25 @@ def _adapters(track: Track) -> list:
 
 def references(track: Track, limit: int | None, split: str = "test", own_only: bool = False) -> References:
     """The base model's metrics (skipped with own_only) and each LoRA's alone (with own_only: on its task only)."""
-    base = None if own_only else track.evaluate(split, limit, label="base")
-    loras = {}
+    refs = References(None, {})
+    if not own_only:
+        refs.base, refs.outcomes["base"] = split_outcomes(track.evaluate(split, limit, label="base"))
     for task, adapter in zip(track.adapters, _adapters(track)):
         with weights_added(track.model, adapter.layers):
-            loras[task] = track.evaluate(split, limit, (task,) if own_only else None, label=f"lora:{task}")
-    return References(base, loras)
+            metrics = track.evaluate(split, limit, (task,) if own_only else None, label=f"lora:{task}")
+        refs.loras[task], refs.outcomes[f"lora:{task}"] = split_outcomes(metrics)
+    return refs
 
 
 def reference_rows(track: Track, refs: References) -> list[dict]:
+    """The base row (when measured) and one row per LoRA, each with its per-example outcomes when the track gave
+    them."""
     rows = [track.score("base", "base", refs.base, refs)] if refs.base is not None else []
-    return rows + [track.score(f"lora:{task}", "lora", metrics, refs) for task, metrics in refs.loras.items()]
+    rows += [track.score(f"lora:{task}", "lora", metrics, refs) for task, metrics in refs.loras.items()]
+    for row in rows:
+        if refs.outcomes.get(row["label"]):
+            row[PER_EXAMPLE] = refs.outcomes[row["label"]]
+    return rows
 
 
 def merge_and_evaluate(track: Track, spec: dict, calibration: list | None, limit: int | None, split: str = "test",
@@ -138,11 +168,13 @@ def merge_and_evaluate(track: Track, spec: dict, calibration: list | None, limit
     extra = track.after_merge(label, result)
     start = time.perf_counter()
     with weights_added(track.model, result.deltas):
-        metrics = track.evaluate(split, limit, label=label)
+        metrics, outcomes = split_outcomes(track.evaluate(split, limit, label=label))
     run = dict(calibration_samples=samples, merge_seconds=result.seconds, eval_seconds=time.perf_counter() - start,
                peak_memory_mb=memory.peak_mb, objective=[r.mean_objective() for r in result.history],
                **{k: v if samples else None for k, v in track.calibration_info.items()}, **extra,
                settings={k: v for k, v in result.settings.items() if k != "adapters"})
+    if outcomes:
+        run[PER_EXAMPLE] = outcomes
     return result, metrics, run
 
 
@@ -208,6 +240,88 @@ def choose_iteris(track: Track, profile: Profile, grid: dict = ITERIS_GRID, prog
     return {k: tried[best][k] for k in grid}, tried
 
 
+# ---------------------------------------------------------------- per-example outcomes and paired comparisons
+
+
+def split_outcomes(metrics: dict) -> tuple[dict, dict]:
+    """(the metrics without per-example outcomes, {task: {metric: [value per example]}}) from what a track's
+    `evaluate` returned, in either place the contract allows (module docstring). The metrics are not modified."""
+    metrics = dict(metrics)
+    outcomes = {task: dict(values) for task, values in metrics.pop(PER_EXAMPLE, {}).items()}
+    for task, value in metrics.items():
+        if isinstance(value, dict) and PER_EXAMPLE in value:
+            metrics[task] = {k: v for k, v in value.items() if k != PER_EXAMPLE}
+            outcomes.setdefault(task, {}).update(value[PER_EXAMPLE])
+    return metrics, outcomes
+
+
+def per_example(row: dict, task: str, metric: str) -> list:
+    """The row's values of `metric` on `task`, one per test example in test-set order."""
+    try:
+        return row[PER_EXAMPLE][task][metric]
+    except KeyError:
+        stored = {t: sorted(m) for t, m in row.get(PER_EXAMPLE, {}).items()}
+        raise OutcomesError(
+            f"row {row.get('label')!r} has no per-example {metric!r} on task {task!r} (stored: {stored or 'none'}); "
+            "re-run its benchmark with this version of the harness, which keeps every example's outcome.") from None
+
+
+def paired(row_a: dict, row_b: dict, task: str, metric: str, **options) -> PairedDifference:
+    """Metric of row a minus row b on one task, paired by example: mean difference with a paired bootstrap
+    interval (and the exact McNemar p-value for 0/1 outcomes); options go to measure.paired_difference
+    (confidence, resamples, seed)."""
+    a, b = per_example(row_a, task, metric), per_example(row_b, task, metric)
+    if len(a) != len(b):
+        raise OutcomesError(f"rows {row_a.get('label')!r} and {row_b.get('label')!r} were measured on {len(a)} and "
+                            f"{len(b)} examples of {task!r}: a paired comparison needs the same test examples.")
+    return paired_difference(a, b, **options)
+
+
+def paired_mean(row_a: dict, row_b: dict, metric: str, scale: dict | None = None, tasks=None,
+                **options) -> PairedDifference:
+    """Difference of the mean over tasks of the per-task mean metric (a − b), each task weighted equally as in
+    the table's "mean" columns, paired by example. scale: {task: factor} multiplies that task's values first (1 /
+    the own LoRA's metric gives the normalized score). tasks: default, every task of row a's outcomes.
+
+    The examples of all tasks are pooled with weights N / (T · n_t) (N examples, T tasks, n_t of task t), so the
+    pooled mean is the mean over tasks; the bootstrap resamples the pooled pairs, which lets the task mix vary
+    between resamples and makes the interval slightly wider than a per-task (stratified) one. Weighted or scaled
+    outcomes are no longer 0/1, so then there is no McNemar p-value."""
+    import numpy as np
+
+    tasks = list(tasks or row_a.get(PER_EXAMPLE, {}))
+    if not tasks:
+        per_example(row_a, "<any task>", metric)  # raises the error that says what is missing
+    pairs = []
+    for task in tasks:
+        a = np.asarray(per_example(row_a, task, metric), dtype=np.float64)
+        b = np.asarray(per_example(row_b, task, metric), dtype=np.float64)
+        if a.shape != b.shape:
+            paired(row_a, row_b, task, metric)  # raises the error that names the sizes
+        factor = (scale or {}).get(task, 1.0)
+        pairs.append((a * factor, b * factor))
+    total = sum(a.size for a, _ in pairs)
+    a = np.concatenate([a * total / (len(pairs) * a.size) for a, _ in pairs])
+    b = np.concatenate([b * total / (len(pairs) * b.size) for _, b in pairs])
+    return paired_difference(a, b, **options)
+
+
+def mean_interval(row: dict, metric: str, scale: dict | None = None, tasks=None, **options) -> PairedDifference:
+    """The row's own mean over tasks (as paired_mean weighs them) with its bootstrap interval: the paired
+    difference with a row of zeros on the same examples. For error bars of one model; compare two models with
+    paired_mean, whose interval is narrower because both models meet the same hard examples."""
+    tasks = list(tasks or row.get(PER_EXAMPLE, {}))
+    zero = {"label": "zero", PER_EXAMPLE: {t: {metric: [0.0] * len(per_example(row, t, metric))} for t in tasks}}
+    return paired_mean(row, zero, metric, scale, tasks, **options)
+
+
+def own_scale(rows: list[dict], metric: str = "accuracy") -> dict[str, float]:
+    """{task: 1 / the metric of the task's own LoRA} from the "lora:<task>" rows, for paired_mean(scale=...) on
+    normalized scores."""
+    own = {r["label"].split(":", 1)[1]: r for r in rows if r.get("method") == "lora"}
+    return {task: 1 / row[metric][task] for task, row in own.items() if row[metric][task] > 0}
+
+
 # ---------------------------------------------------------------- rows and tables
 
 
@@ -255,6 +369,18 @@ def markdown_table(rows: list[dict], columns: Callable[[list[dict]], list[Column
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def to_json(out: dict, indent: int = 1) -> str:
+    """The results as JSON text, each list of numbers (per-example outcomes) on one line, so that a file of a few
+    thousand outcomes per row stays readable and diffs by row."""
+    import json
+    import re
+
+    # A list that json.dumps broke over lines starts with "[" and a newline, which no JSON string holds unescaped,
+    # so only such lists are joined and strings are never touched.
+    text = json.dumps(out, indent=indent)
+    return re.sub(r"\[\n[-+\d.,eE\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
 
 
 def environment() -> dict:

@@ -19,8 +19,44 @@ def _figure(ncols: int = 1, width: float = 6.5, height: float = 3.8) -> tuple[Fi
     return fig, list(np.atleast_1d(axes))
 
 
+def add_references(ax, references: dict | None) -> None:
+    """Horizontal lines for models that need no calibration data: {label in METHOD_STYLE (or any): value}, e.g. the
+    data-free merges on the same test examples, so that every data-aware curve is read against them."""
+    for i, (label, value) in enumerate((references or {}).items()):
+        name, colour = METHOD_STYLE.get(label, (label, f"C{4 + i}"))
+        ax.axhline(value, color=colour, ls=(0, (4, 2 + i)), lw=1.2, label=f"{name} (data-free)")
+
+
+def add_error_bars(ax, points: dict | None, colour, offset: float = 1.0) -> None:
+    """Error bars {x: measure.PairedDifference of a model's mean (tracks.harness.mean_interval)} at x·offset."""
+    for x, d in (points or {}).items():
+        ax.errorbar(x * offset, d.mean, yerr=[[d.mean - d.low], [d.high - d.mean]], fmt="none", ecolor=colour,
+                    capsize=3, lw=1.2)
+
+
 def _legend_outside(ax) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
+
+
+def plot_intervals(intervals: dict, title: str, xlabel: str, reference: float | None = 0.0, ax=None) -> Figure:
+    """One horizontal error bar per label: {label: measure.PairedDifference} drawn at its mean with its interval,
+    coloured by verdict (blue "ahead", red "behind", grey "within noise"); a dashed line at `reference` (0 for
+    differences, None for none). Draws into `ax` when given (and returns its figure)."""
+    colours = {"ahead": "C0", "behind": "C3", "within noise": "0.45"}
+    if ax is None:
+        fig, (ax,) = _figure(height=0.9 + 0.32 * len(intervals))
+    labels = list(intervals)
+    for y, label in enumerate(labels):
+        d = intervals[label]
+        ax.errorbar(d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", capsize=3,
+                    color=colours[d.verdict] if reference == 0.0 else "C0")
+    if reference is not None:
+        ax.axvline(reference, color="0.3", ls="--", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize="medium")
+    return ax.figure
 
 
 def frame(rows, per_task: bool = False) -> pd.DataFrame:
@@ -42,10 +78,13 @@ def _measure(table: pd.DataFrame, task: str, normalized: bool) -> pd.Series:
     return table["normalized" if normalized else "accuracy"]
 
 
-def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True, mark: int | None = None) -> Figure:
+def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True, mark: int | None = None,
+                 references: dict | None = None, intervals: dict | None = None) -> Figure:
     """Normalized accuracy against calibration samples per task (log x): RegMean and the IterIS sweep, the mean
     over seeded draws as a line, each draw as a dot (show_seeds). mark: a measured sample count to read off: a
-    vertical line there and each method's mean of draws at it in the title."""
+    vertical line there and each method's mean of draws at it in the title. references: {data-free label: value}
+    drawn as horizontal lines (add_references); intervals: {label: {samples: PairedDifference}}, 95 % error bars of
+    one draw at those sizes (add_error_bars), only for task="mean"."""
     table = frame(minilm["samples"], per_task=task != "mean")
     if task != "mean":
         table = table[table.task == task]
@@ -60,6 +99,10 @@ def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True, mark
             readings.append(f"{name} {mean.loc[mark]:.3f}")
         if show_seeds:
             ax.scatter(group["samples"], group["value"], s=12, color=colour, alpha=0.45, label=f"{name}, each draw")
+        if task == "mean":  # the two methods' bars side by side, not on top of each other
+            add_error_bars(ax, (intervals or {}).get(label), colour, 0.94 if label == "regmean" else 1.06)
+    if task == "mean":
+        add_references(ax, references)
     ax.set_xscale("log")
     ax.set_xticks(sorted(table["samples"].unique()), [str(s) for s in sorted(table["samples"].unique())])
     ax.set_xlabel("calibration samples per task (unlabeled prompts)")
@@ -73,15 +116,18 @@ def plot_samples(minilm: dict, task: str = "mean", show_seeds: bool = True, mark
     return fig
 
 
-def plot_alpha(minilm: dict) -> Figure:
+def plot_alpha(minilm: dict, references: dict | None = None, intervals: dict | None = None) -> Figure:
     """IterIS (sweep) mean normalized accuracy against α, one line per number of samples; α = 0 drawn at the left
-    edge (symmetric-log axis), failed solves marked."""
+    edge (symmetric-log axis), failed solves marked. references: {label: value} as horizontal lines (data-free
+    merges, RegMean); intervals: {samples: {α: PairedDifference}} as 95 % error bars."""
     table = frame(minilm["alpha"])
     fig, (ax,) = _figure()
     positive = [a for a in table["alpha"].unique() if a > 0]
     ax.set_xscale("symlog", linthresh=min(positive) if positive else 1e-8)
     for i, (n, group) in enumerate(table.groupby("samples")):
         ax.plot(group["alpha"], group["mean_normalized"], marker="o", color=f"C{i}", label=f"{n} samples per task")
+        add_error_bars(ax, (intervals or {}).get(n), f"C{i}")
+    add_references(ax, references)
     failed = [r for r in minilm["alpha"] if "error" in r]
     for r in failed:
         ax.axvline(r["alpha"], color="0.5", ls=":", lw=1)
@@ -119,9 +165,10 @@ def plot_solves(solves: dict) -> Figure:
     return fig
 
 
-def plot_weights(minilm: dict) -> Figure:
+def plot_weights(minilm: dict, references: dict | None = None, intervals: dict | None = None) -> Figure:
     """Mean normalized accuracy of the IterIS sweep for each λ variant (a dot each), grouped by calibration
-    samples."""
+    samples. references: {label: value} as horizontal lines; intervals: {variant: {samples: PairedDifference}} as
+    95 % error bars."""
     table = frame(minilm["weights"])
     fig, (ax,) = _figure()
     variants = list(dict.fromkeys(table["adaptive_weights"]))
@@ -130,8 +177,11 @@ def plot_weights(minilm: dict) -> Figure:
     for i, variant in enumerate(variants):
         values = [table[(table.adaptive_weights == variant) & (table.samples == n)]["mean_normalized"].iloc[0]
                   for n in sizes]
-        ax.plot(np.arange(len(sizes)) - 0.3 + i * step, values, ls="none", marker="o", ms=8, color=f"C{i}",
-                label=f"λ {variant}")
+        x = np.arange(len(sizes)) - 0.3 + i * step
+        ax.plot(x, values, ls="none", marker="o", ms=8, color=f"C{i}", label=f"λ {variant}")
+        bars = (intervals or {}).get(variant, {})
+        add_error_bars(ax, {x[j]: bars[n] for j, n in enumerate(sizes) if n in bars}, f"C{i}")
+    add_references(ax, references)
     ax.set_xlim(-0.7, len(sizes) - 0.3)
     ax.set_xticks(range(len(sizes)), [f"{n} samples" for n in sizes])
     ax.set_xlabel("calibration samples per task")
@@ -146,9 +196,12 @@ def task_count_table(tasks: dict) -> pd.DataFrame:
     return frame(tasks["rows"], per_task=True)
 
 
-def plot_task_count(tasks: dict, task: str = "mean", normalized: bool = True, methods=None) -> Figure:
+def plot_task_count(tasks: dict, task: str = "mean", normalized: bool = True, methods=None,
+                    intervals: dict | None = None) -> Figure:
     """Accuracy of each merge against the number of merged tasks k (nested subsets of tasks['order']).
-    task="mean": mean over the k merged tasks; a task name: that task's score (defined from the k that adds it)."""
+    task="mean": mean over the k merged tasks; a task name: that task's score (defined from the k that adds it).
+    The data-free merges (linear, task arithmetic) are drawn as lines like the others, since their value changes
+    with k. intervals: {label: {k: PairedDifference}}, 95 % error bars (task="mean", normalized only)."""
     per_task = task != "mean"
     table = frame(tasks["rows"], per_task=per_task)
     if per_task:
@@ -160,6 +213,8 @@ def plot_task_count(tasks: dict, task: str = "mean", normalized: bool = True, me
         group = table[table.label == label].sort_values("k")
         name, colour = METHOD_STYLE.get(label, (label, None))
         ax.plot(group["k"], group["value"], marker="o", color=colour, label=name)
+        if task == "mean" and normalized:
+            add_error_bars(ax, (intervals or {}).get(label), colour)
     if normalized:
         ax.axhline(1.0, color="0.4", ls="--", lw=1, label="own LoRA")
     elif per_task:
@@ -176,9 +231,10 @@ def plot_task_count(tasks: dict, task: str = "mean", normalized: bool = True, me
     return fig
 
 
-def task_count_widget(parts: dict):
+def task_count_widget(parts: dict, intervals: dict | None = None):
     """Dropdowns "order" (which study part: its task order) and "task" (the mean or one task) and a checkbox
-    "normalized" over plot_task_count; each redraws. parts: {name: the study's task-count part}, or one part."""
+    "normalized" over plot_task_count; each redraws. parts: {name: the study's task-count part}, or one part;
+    intervals: {part name: plot_task_count's intervals}."""
     import ipywidgets as w
 
     from .widgets import figure_widget
@@ -189,12 +245,14 @@ def task_count_widget(parts: dict):
                                     description="order"),
                 "task": w.Dropdown(options=["mean", *tasks], description="task"),
                 "normalized": w.Checkbox(value=True, description="normalized by own LoRA")}
-    return figure_widget(lambda order, task, normalized: plot_task_count(parts[order], task, normalized), controls)
+    return figure_widget(lambda order, task, normalized: plot_task_count(parts[order], task, normalized,
+                                                                         intervals=(intervals or {}).get(order)),
+                         controls)
 
 
-def samples_widget(minilm: dict):
+def samples_widget(minilm: dict, references: dict | None = None, intervals: dict | None = None):
     """Dropdown "task", checkbox "show each draw" and a slider over the measured sample counts (read off both
-    methods there) over plot_samples; each redraws."""
+    methods there) over plot_samples (with its references and intervals); each redraws."""
     import ipywidgets as w
 
     from .widgets import figure_widget
@@ -203,4 +261,5 @@ def samples_widget(minilm: dict):
     controls = {"task": w.Dropdown(options=["mean", *minilm["tasks"]], description="task"),
                 "show_seeds": w.Checkbox(value=True, description="show each seeded draw"),
                 "mark": w.SelectionSlider(options=counts, value=counts[0], description="samples")}
-    return figure_widget(lambda task, show_seeds, mark: plot_samples(minilm, task, show_seeds, mark), controls)
+    return figure_widget(lambda task, show_seeds, mark: plot_samples(minilm, task, show_seeds, mark, references,
+                                                                      intervals), controls)

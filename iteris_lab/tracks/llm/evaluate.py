@@ -159,9 +159,10 @@ def predict(model, tokenizer, task: Task, examples, max_length: int = 128) -> li
     return _generate(model, tokenizer, prompts, max_length, task.max_new_tokens)
 
 
-def evaluate_task(model, tokenizer, task: Task, split: str = "test", head=None, batch_size: int = 32,
-                  limit: int | None = None, max_length: int = 128, progress: bool = True) -> float:
-    """Accuracy of `model` on `task.split(split)` (the first `limit` examples when given).
+def task_outcomes(model, tokenizer, task: Task, split: str = "test", head=None, batch_size: int = 32,
+                  limit: int | None = None, max_length: int = 128, progress: bool = True) -> list[int]:
+    """Per example of `task.split(split)` (the first `limit` when given), in that order: 1 if `model` answers it
+    right, else 0 — what a paired comparison of two models on the same examples needs (measure.paired_difference).
 
     head: for sequence_classification, a head state dict (load_head) or an adapter folder; it is written into
     the model in place first. The model is run in eval mode under no_grad and its train/eval mode restored.
@@ -171,26 +172,38 @@ def evaluate_task(model, tokenizer, task: Task, split: str = "test", head=None, 
     examples = task.split(split)[:limit]
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} examples")
-    # Batches of similar length waste less compute on padding; accuracy does not depend on the order.
-    examples = sorted(examples, key=lambda ex: len(task.prompt(ex)))
+    # Batches of similar length waste less compute on padding; outcomes go back to test-set order below.
+    order = sorted(range(len(examples)), key=lambda i: len(task.prompt(examples[i])))
     was_training = model.training
     model.eval()
-    correct = 0
-    batches = range(0, len(examples), batch_size)
+    outcomes = [0] * len(examples)
+    batches = range(0, len(order), batch_size)
     try:
         with torch.no_grad():
             for start in _progress(batches, len(batches), f"{task.name}/{split}", progress):
-                chunk = examples[start:start + batch_size]
-                preds = predict(model, tokenizer, task, chunk, max_length)
-                truth = [ex.answer for ex in chunk] if task.kind == "generation" else [ex.label for ex in chunk]
-                correct += sum(p == t for p, t in zip(preds, truth))
+                chunk = order[start:start + batch_size]
+                preds = predict(model, tokenizer, task, [examples[i] for i in chunk], max_length)
+                for i, pred in zip(chunk, preds):
+                    ex = examples[i]
+                    outcomes[i] = int(pred == (ex.answer if task.kind == "generation" else ex.label))
     finally:
         model.train(was_training)
-    return correct / len(examples)
+    return outcomes
 
 
-def evaluate_tasks(model, tokenizer, tasks: dict[str, Task], heads: dict | None = None, **kwargs) -> dict[str, float]:
-    """{task name: accuracy} for several tasks on one model; heads: {task name: head or adapter folder}."""
+def evaluate_task(model, tokenizer, task: Task, split: str = "test", head=None, batch_size: int = 32,
+                  limit: int | None = None, max_length: int = 128, progress: bool = True) -> float:
+    """Accuracy of `model` on `task.split(split)` (the first `limit` examples when given): the mean of
+    task_outcomes (same arguments)."""
+    outcomes = task_outcomes(model, tokenizer, task, split, head, batch_size, limit, max_length, progress)
+    return sum(outcomes) / len(outcomes)
+
+
+def evaluate_tasks(model, tokenizer, tasks: dict[str, Task], heads: dict | None = None, outcomes: bool = False,
+                   **kwargs) -> dict:
+    """{task name: accuracy} for several tasks on one model; heads: {task name: head or adapter folder}. With
+    outcomes=True: {task name: [1 right / 0 wrong per example, test-set order]} instead (task_outcomes)."""
     heads = heads or {}
-    return {name: evaluate_task(model, tokenizer, task, head=heads.get(name), **kwargs)
-            for name, task in tasks.items()}
+    per_task = {name: task_outcomes(model, tokenizer, task, head=heads.get(name), **kwargs)
+                for name, task in tasks.items()}
+    return per_task if outcomes else {name: sum(o) / len(o) for name, o in per_task.items()}

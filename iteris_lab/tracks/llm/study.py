@@ -24,7 +24,8 @@ import torch
 from ...adapters import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
-from ..harness import score_row
+from ...measure import PairedDifference, mcnemar_p
+from ..harness import PER_EXAMPLE, mean_interval, paired_mean, score_row, split_outcomes
 from .tasks import calibration_batches
 from .track import LlmTrack, load_track
 
@@ -48,7 +49,7 @@ def own_accuracy(track: LlmTrack, limit: int | None) -> dict[str, float]:
     own = {}
     for task, path in track.adapters.items():
         with weights_added(track.model, load_adapter(path).layers):
-            own[task] = track.evaluate("test", limit, tasks=[task])[task]
+            own[task] = split_outcomes(track.evaluate("test", limit, tasks=[task]))[0][task]
     return own
 
 
@@ -59,13 +60,14 @@ def calibration(track: LlmTrack, samples: int, seed: int = 0, batch_size: int = 
 
 
 def score(track: LlmTrack, deltas: dict, limit: int | None, own: dict[str, float]) -> dict:
-    """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds."""
+    """Accuracy per task of W0 + deltas, its mean, normalized per task and mean normalized, evaluation seconds, and
+    the per-example outcomes ({task: {"correct": [1/0 per test example]}}: harness.paired compares two rows)."""
     start = time.perf_counter()
     with weights_added(track.model, deltas):
-        accuracy = track.evaluate("test", limit)
+        accuracy, outcomes = split_outcomes(track.evaluate("test", limit))
     row = score_row("", "", accuracy, own)
     return {key: row[key] for key in ("accuracy", "mean_accuracy", "normalized", "mean_normalized")} | {
-        "eval_seconds": round(time.perf_counter() - start, 2)}
+        "eval_seconds": round(time.perf_counter() - start, 2), PER_EXAMPLE: outcomes}
 
 
 def merge_row(track: LlmTrack, method: str, own: dict, limit: int | None, samples: int = 0, seed: int = 0,
@@ -108,3 +110,28 @@ def solves_rows(track: LlmTrack, own: dict, limit: int | None, samples: int, max
 def nested_subsets(order, smallest: int = 2) -> list[list[str]]:
     """[order[:2], order[:3], ..., order]: each subset adds one task to the previous one."""
     return [list(order[:k]) for k in range(smallest, len(order) + 1)]
+
+
+# ---------------------------------------------------------------- how sure: intervals for the study's rows
+
+
+def normalized_difference(row_a: dict, row_b: dict, own: dict, **options) -> PairedDifference:
+    """Mean normalized accuracy of row a minus row b (rows of merge_row, same test examples), paired by example,
+    with its 95 % paired bootstrap interval (harness.paired_mean with scale 1 / own accuracy)."""
+    return paired_mean(row_a, row_b, "correct", {t: 1 / own[t] for t in own}, **options)
+
+
+def normalized_interval(row: dict, own: dict, **options) -> PairedDifference:
+    """One row's mean normalized accuracy with its bootstrap interval (harness.mean_interval), for error bars."""
+    return mean_interval(row, "correct", {t: 1 / own[t] for t in own}, **options)
+
+
+def smallest_p(row_a: dict, row_b: dict, limit) -> tuple[int, float]:
+    """For rows stored without per-example outcomes: (d, p) with d the net number of test examples row a gets
+    right more than row b over all tasks (`limit` examples per task: a number, or {task: number}) and p the
+    smallest exact McNemar p-value any per-example outcomes with those totals could give (every discordant
+    example favouring one side: mcnemar_p(|d|, 0) = 2^(1−|d|)). When even p > 0.05 the difference is within
+    noise whatever the outcomes were; when p ≤ 0.05 it may or may not be: only the outcomes can tell."""
+    sizes = limit if isinstance(limit, dict) else {t: limit for t in row_a["accuracy"]}
+    d = sum(round((row_a["accuracy"][t] - row_b["accuracy"][t]) * sizes[t]) for t in row_a["accuracy"])
+    return d, mcnemar_p(abs(d), 0)

@@ -12,8 +12,8 @@ import torch
 
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
-from ..harness import (ITERIS_GRID, References, Track, choose_iteris, environment, markdown_table, run_methods,
-                       score_row)
+from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, markdown_table,
+                       run_methods, score_row, split_outcomes, to_json)
 
 
 @dataclass
@@ -29,12 +29,15 @@ class LlmTrack(Track):
     max_length: int
 
     def evaluate(self, split: str, limit: int | None, tasks=None, label: str = "", progress: bool = False) -> dict:
-        """{task: accuracy} (only `tasks` when given)."""
+        """{task: accuracy (only `tasks` when given), "per_example": {task: {"correct": [1 or 0 per example, in
+        test-set order]}}} (the harness's per-example contract; harness.split_outcomes separates the two)."""
         from .evaluate import evaluate_tasks
 
         chosen = {t: self.tasks[t] for t in tasks} if tasks else self.tasks
-        return evaluate_tasks(self.model, self.tokenizer, chosen, heads=self.heads, split=split, limit=limit,
-                              max_length=self.max_length, progress=progress)
+        outcomes = evaluate_tasks(self.model, self.tokenizer, chosen, heads=self.heads, split=split, limit=limit,
+                                  max_length=self.max_length, progress=progress, outcomes=True)
+        return {**{t: sum(o) / len(o) for t, o in outcomes.items()},
+                PER_EXAMPLE: {t: {"correct": o} for t, o in outcomes.items()}}
 
     def calibration(self, samples: int, batch_size: int) -> list[list]:
         from .tasks import calibration_batches
@@ -80,7 +83,7 @@ def load_track(name: str, adapter_root=None, names=None) -> LlmTrack:
 
 def evaluate_track(track: LlmTrack, limit: int | None, progress: bool = False, split: str = "test") -> dict:
     """{task: accuracy} of the track's model as its weights stand now (W0, or W0 + ΔW inside `weights_added`)."""
-    return track.evaluate(split, limit, progress=progress)
+    return split_outcomes(track.evaluate(split, limit, progress=progress))[0]
 
 
 # ---------------------------------------------------------------- the demo and the benchmark
@@ -132,7 +135,7 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=tried, iteris_chosen=chosen)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{model}.json").write_text(json.dumps(out, indent=2))
+    (out_dir / f"{model}.json").write_text(to_json(out))
     (out_dir / f"{model}.md").write_text(markdown_table(rows) + "\n")
     if figures is not None:
         score_plot(out, Path(figures) / f"{model}_scores.png")
@@ -140,10 +143,40 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     return out
 
 
-def score_plot(out: dict, path: Path) -> None:
-    from ...viz.plots import plot_scores
+def score_plot(out: dict, path: Path, reference: str = "iteris") -> None:
+    """The benchmark's figure. With per-example outcomes: each merge's mean normalized accuracy with its 95 %
+    bootstrap interval (left) and its paired difference from `reference` (right). Without (an older JSON): the
+    normalized accuracy per task as bars, no error bars."""
+    rows = [r for r in out["results"] if r["method"] != "lora" and r["label"] != "base"]
+    if not all("per_example" in r for r in rows) or reference not in {r["label"] for r in rows}:
+        from ...viz.plots import plot_scores
 
-    table = [{"method": r["label"], "task": t, "normalized": v} for r in out["results"]
-             if r["method"] != "lora" and r["label"] != "base" for t, v in r["normalized"].items()]
-    figure = plot_scores(table, title=f"{out['model']}: normalized accuracy (merged / own LoRA)")
+        table = [{"method": r["label"], "task": t, "normalized": v} for r in rows for t, v in r["normalized"].items()]
+        figure = plot_scores(table, title=f"{out['model']}: normalized accuracy (merged / own LoRA)")
+    else:
+        figure = interval_figure(out, reference)
     figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def interval_figure(out: dict, reference: str = "iteris"):
+    """Left: every merge's mean normalized accuracy with its bootstrap interval; right: its paired difference from
+    `reference` (harness.paired_mean, 95 %, seeded), blue ahead / red behind / grey within noise."""
+    from matplotlib.figure import Figure
+
+    from ...viz.study import plot_intervals
+    from ..harness import mean_interval, own_scale, paired_mean
+
+    scale = own_scale(out["results"])
+    rows = {r["label"]: r for r in out["results"] if r["method"] != "lora" and r["label"] != "base"}
+    fig = Figure(figsize=(11, 1.2 + 0.35 * len(rows)), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    plot_intervals({k: mean_interval(r, "correct", scale) for k, r in rows.items()},
+                   "mean normalized accuracy, 95 % bootstrap interval", "normalized accuracy (mean over tasks)",
+                   reference=None, ax=left)
+    others = {k: r for k, r in rows.items() if k != reference}
+    diffs = {k: paired_mean(r, rows[reference], "correct", scale) for k, r in others.items()}
+    plot_intervals(diffs, f"paired difference from {reference}, 95 % interval",
+                   f"mean normalized: method − {reference}", ax=right)
+    where = out.get("subtitle") or f"{out['profile']} profile"
+    fig.suptitle(f"{out['model']} ({where}): merges of {len(scale)} task LoRAs")
+    return fig
