@@ -168,6 +168,8 @@ def merge_and_measure(track: DiffusionTrack, spec: dict, calib: dict, n: int, on
     (MergeResult, metrics, peak MB, samples)."""
     samples = spec.get("samples", 0)
     result, metrics, run = harness.merge_and_evaluate(track, spec, calib.get(samples), n, on_iteration=on_iteration)
+    for name, outcomes in run.get("per_example", {}).items():  # a harness that keeps outcomes apart: back in place
+        metrics[name] = {**metrics[name], "per_example": outcomes}
     return result, metrics, run["peak_memory_mb"], samples
 
 
