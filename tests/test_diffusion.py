@@ -1,5 +1,6 @@
 """The diffusion track: digits and their style metrics, calibration batches, and IterIS on a UNet with conv LoRAs."""
 import json
+import zlib
 
 import pytest
 import torch
@@ -174,3 +175,44 @@ def test_training_writes_loadable_base_and_concept_lora(tmp_path):
         train_concept_lora(tmp_path / "base", "blurry", encoder, tmp_path / "x", replace(LORA_RECIPE, steps=1))
     with pytest.raises(FileNotFoundError, match="train_diffusion.py"):
         dm.load_base(tmp_path / "nowhere")
+
+
+class _FakeEncoder:
+    """Prompt -> a seeded (T, 12) embedding: the tiny UNet's cross-attention width, no MiniLM needed."""
+
+    def __call__(self, prompts):
+        cond = torch.stack([torch.randn(6, 12, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                            for p in prompts])
+        return cond, torch.ones(len(prompts), 6, dtype=torch.long)
+
+
+class _FakeJudge:
+    def predict(self, images):  # reads "3" in bright images, "0" otherwise: some right, some wrong
+        return torch.where(images.mean((1, 2, 3)) > 0.5, 3, 0)
+
+
+def test_measure_returns_per_example_outcomes_that_average_to_the_scores():
+    from iteris_lab.tracks.diffusion.benchmark import (DiffusionTrack, content_per_example, levels_per_example,
+                                                       measure, summary_row)
+
+    torch.manual_seed(0)
+    unet = dm.build_unet({**TINY_UNET, "sample_size": 16}).eval().requires_grad_(False)
+    track = DiffusionTrack(unet, _FakeEncoder(), _FakeJudge(), {"thick": "-", "slant": "-"})
+    base = measure(unet, track, 6, steps=2)
+    assert set(base) == {"both", "thick", "slant", "plain"}
+    for values in base.values():
+        per = values["per_example"]
+        assert all(len(v) == 6 for v in per.values()) and set(per["content"]) <= {0.0, 1.0}
+        assert all(sum(per[m]) / 6 == pytest.approx(values[m]) for m in ("content", "ink", "slant_score"))
+    with torch.no_grad():  # two "LoRAs": the same UNet with shifted output biases, so the levels are not 0
+        own = {}
+        for c, shift in (("thick", 0.3), ("slant", -0.2)):
+            unet.conv_out.bias += shift
+            own[c] = measure(unet, track, 6, steps=2)
+            unet.conv_out.bias -= shift
+    row = summary_row("x", "x", own["thick"], base, own)
+    levels = levels_per_example(own["thick"], base, own)
+    for c in ("thick", "slant"):
+        assert sum(levels[c]) / 6 == pytest.approx(row["fidelity"][c])
+    assert sum(levels["mean"]) / 6 == pytest.approx(row["mean_fidelity"])
+    assert sum(content_per_example(own["thick"])) / 6 == pytest.approx(row["content"])

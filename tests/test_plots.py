@@ -151,3 +151,20 @@ def test_widgets_build_and_redraw(history):
     run, task = box.children[0].children
     task.value = 1
     assert "input drift" in box.figure.axes[0].get_title() and len(box.figure.axes[0].get_lines()) == 3
+
+
+def test_interval_plot_draws_each_interval_in_its_verdicts_colour():
+    from matplotlib.colors import to_rgba
+
+    from iteris_lab.measure import paired_difference
+
+    ahead = paired_difference([1.0] * 8, [0.0] * 8)
+    noise = paired_difference([1, 0, 1, 0], [0, 1, 0, 1])
+    ax = plots.plot_intervals({"a vs b": ahead, "c vs d": noise}, xlabel="accuracy difference").axes[0]
+    lines = [c for c in ax.containers]
+    assert len(lines) == 2 and [t.get_text() for t in ax.get_yticklabels()] == ["a vs b", "c vs d"]
+    dots = [c.lines[0] for c in lines]
+    assert to_rgba(dots[0].get_color()) == to_rgba("C2") and to_rgba(dots[1].get_color()) == to_rgba("0.45")
+    assert dots[0].get_xdata()[0] == ahead.mean == 1.0
+    with pytest.raises(ValueError):
+        plots.plot_intervals({})

@@ -160,3 +160,35 @@ def test_text_only_mask_drops_image_rows_from_the_grams(tiny, tmp_path):
     name = next(iter(merged["text"].deltas))
     assert len(merged["text"].history) == 2
     assert not torch.allclose(merged["text"].deltas[name], merged["all"].deltas[name])
+
+
+def test_per_caption_losses_do_not_depend_on_the_batch(tiny):
+    _, model, tok = tiny
+    texts = ["a handwritten digit one", "a lovely and neat digit seven , so tidy"]  # unequal lengths: padding
+    batch = vlm.caption_batch(model, tok, images(2), [captions.PLAIN_PROMPT] * 2, texts)
+    with torch.no_grad():
+        total, count = vlm.caption_token_losses(model, batch)
+        assert float(total.sum() / count.sum()) == pytest.approx(vlm.caption_loss(model, batch).item(), rel=1e-5)
+        for i in range(2):
+            alone = vlm.caption_batch(model, tok, images(2)[i:i + 1], [captions.PLAIN_PROMPT], texts[i:i + 1])
+            assert count[i] == int((alone["labels"][:, 1:] != -100).sum())
+            assert float(total[i] / count[i]) == pytest.approx(vlm.caption_loss(model, alone).item(), rel=1e-4)
+
+
+def test_evaluate_returns_per_example_outcomes_that_average_to_the_metrics(tiny):
+    _, model, tok = tiny
+    track = vlm_bench.VlmTrack(model, tok, {}, captions.digit_splits(), judge=None)
+    out = vlm_bench.evaluate_styles(track, "test", limit=3)
+    for style in vlm_bench.STYLE_NAMES:
+        metrics, per = out[style], out[style]["per_example"]
+        assert set(per) == {"content", "lexicon", "bleu", "nll"} and all(len(v) == 3 for v in per.values())
+        for m in ("content", "lexicon"):
+            assert set(per[m]) <= {0.0, 1.0} and sum(per[m]) / 3 == pytest.approx(metrics[m])
+        # the aggregate NLL weights captions by their token counts, the per-example one does not: both from one pass
+        assert min(per["nll"]) <= metrics["nll"] <= max(per["nll"])
+        assert vlm_bench.caption_nll(track, style, "test", 3) == pytest.approx(metrics["nll"])
+    texts = ["a lovely digit seven", "an ugly digit one", "a digit"]
+    outcomes = vlm_bench.caption_outcomes(texts, [7, 2, 3], "positive")
+    assert outcomes["content"] == [1.0, 0.0, 0.0] and outcomes["lexicon"] == [1.0, 0.0, 0.0]
+    refs = captions.references([7, 2, 3], "positive")
+    assert outcomes["bleu"] == [captions.bleu([t], [r]) for t, r in zip(texts, refs)]

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_objective",
-           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_image_grid"]
+           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_image_grid", "plot_intervals"]
 
 
 # ---------------------------------------------------------------- labels
@@ -287,3 +287,32 @@ def plot_image_grid(rows: dict, columns=None, title: str = "", cell: float = 0.5
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---------------------------------------------------------------- uncertainty
+
+VERDICT_COLOURS = {"ahead": "C2", "behind": "C3", "within noise": "0.45"}
+
+
+def plot_intervals(intervals: dict, title: str = "", xlabel: str = "difference", reference: float | None = 0.0,
+                   ax=None) -> Figure:
+    """A forest plot: one row per label of `intervals` ({label: an object with mean, low, high, e.g. a
+    measure.PairedDifference}), the mean as a dot with [low, high] as its error bar, top to bottom in the dict's
+    order. A row's `verdict` (ahead / behind / within noise), when it has one, sets its colour; `reference` draws a
+    vertical line (0: no difference). Given `ax`, draws there and returns its figure."""
+    if not intervals:
+        raise ValueError("plot_intervals needs at least one interval")
+    if ax is None:
+        fig, ax = _figure(6.0, 1.0 + 0.4 * len(intervals))
+    labels = list(intervals)
+    for k, label in enumerate(labels):
+        d = intervals[label]
+        colour = VERDICT_COLOURS.get(getattr(d, "verdict", None), "C0")
+        ax.errorbar([d.mean], [k], xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=colour, capsize=3)
+    if reference is not None:
+        ax.axvline(reference, color="0.3", ls="--", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return ax.figure

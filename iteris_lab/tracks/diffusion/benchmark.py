@@ -91,14 +91,19 @@ def prompts_for(concepts, n: int, offset: int = 0) -> tuple[list[str], torch.Ten
 
 
 def measure(unet, track: DiffusionTrack, n: int, seed: int = 0, steps: int = 25, sets=None) -> dict[str, dict]:
-    """{set: {content, ink, slant_score}} of DDIM samples (no guidance) for every prompt set."""
+    """{set: {content, ink, slant_score, per_example}} of DDIM samples (no guidance) for every prompt set.
+
+    per_example: {metric: [one value per sample, in prompt order]} (content 0/1: the judge reads the prompted
+    digit). Sample k of every set and every model starts from the same noise and asks for the same digit, so two
+    models (or two sets) compare paired by k (measure.paired_difference)."""
     sets = sets or prompt_sets(list(track.adapters))
     out = {}
     for name, concepts in sets.items():
         prompts, digits = prompts_for(concepts, n, offset=seed)
         images = dm.sample(unet, track.encoder, prompts, steps=steps, seed=seed)
-        out[name] = {"content": track.judge.accuracy(images, digits),
-                     **{m: float(f(images).mean()) for m, f in METRICS.items()}}
+        outcomes = {"content": (track.judge.predict(images) == digits).double().tolist(),
+                    **{m: f(images).double().tolist() for m, f in METRICS.items()}}
+        out[name] = {**{m: sum(v) / len(v) for m, v in outcomes.items()}, "per_example": outcomes}
     return out
 
 
@@ -113,6 +118,26 @@ def concept_scores(metrics: dict, base: dict, own: dict[str, dict]) -> dict:
         scores["alone"][c] = level[c]
         scores["leakage"][c] = max(v for s, v in level.items() if s not in ("both", c))
     return scores
+
+
+def levels_per_example(metrics: dict, base: dict, own: dict[str, dict], prompt_set: str = "both") -> dict:
+    """Per sample of `prompt_set` (metrics with "per_example", from measure): each concept's level on the
+    concept_scores scale (0 base on plain prompts, 1 own LoRA on its prompts) and their mean over concepts, "mean".
+    The mean over samples of levels[c] is concept_scores' fidelity[c] (for "both")."""
+    levels = {}
+    for c, own_metrics in own.items():
+        m = dm.CONCEPTS[c].metric
+        lo, hi = base["plain"][m], own_metrics[c][m]
+        levels[c] = [(v - lo) / (hi - lo) for v in metrics[prompt_set]["per_example"][m]]
+    levels["mean"] = [sum(values) / len(own) for values in zip(*(levels[c] for c in own))]
+    return levels
+
+
+def content_per_example(metrics: dict) -> list[float]:
+    """Per sample index k: the share of the prompt sets whose sample k the judge reads right; its mean over k is
+    summary_row's `content`."""
+    columns = [v["per_example"]["content"] for v in metrics.values()]
+    return [sum(values) / len(columns) for values in zip(*columns)]
 
 
 def summary_row(label: str, method: str, metrics: dict, base: dict, own: dict) -> dict:
@@ -143,6 +168,8 @@ def merge_and_measure(track: DiffusionTrack, spec: dict, calib: dict, n: int, on
     (MergeResult, metrics, peak MB, samples)."""
     samples = spec.get("samples", 0)
     result, metrics, run = harness.merge_and_evaluate(track, spec, calib.get(samples), n, on_iteration=on_iteration)
+    for name, outcomes in run.get("per_example", {}).items():  # a harness that keeps outcomes apart: back in place
+        metrics[name] = {**metrics[name], "per_example": outcomes}
     return result, metrics, run["peak_memory_mb"], samples
 
 

@@ -85,30 +85,48 @@ def split_images(track: VlmTrack, split: str, limit: int | None) -> tuple[torch.
     return pixels[:limit], labels[:limit]
 
 
-def caption_metrics(texts: list[str], labels, style: str | None, judge=None) -> dict:
-    """content, style (judge), lexicon (word lists) and bleu of captions asked in `style` (None: plain)."""
+def caption_outcomes(texts: list[str], labels, style: str | None, judge=None) -> dict[str, list[float]]:
+    """Per caption, in image order: content (1: the right digit and no other), bleu (sentence BLEU-4 against the
+    image's references, the same smoothing as the corpus BLEU), and for a style: lexicon (1: that style's words
+    only) and, with a judge, style (1: judged that style)."""
     labels = [int(y) for y in labels]
-    n = len(texts)
-    out = {"content": sum(captions.content_correct(t, y) for t, y in zip(texts, labels)) / n,
-           "bleu": captions.bleu(texts, captions.references(labels, style))}
+    refs = captions.references(labels, style)
+    out = {"content": [float(captions.content_correct(t, y)) for t, y in zip(texts, labels)],
+           "bleu": [captions.bleu([t], [r]) for t, r in zip(texts, refs)]}
     if style is not None:
-        out["lexicon"] = sum(captions.lexicon_style(t) == style for t in texts) / n
+        out["lexicon"] = [float(captions.lexicon_style(t) == style) for t in texts]
         if judge is not None:
-            out["style"] = sum(p == style for p in judge.predict(texts)) / n
+            out["style"] = [float(p == style) for p in judge.predict(texts)]
+    return out
+
+
+def caption_metrics(texts: list[str], labels, style: str | None, judge=None, per_example: bool = False) -> dict:
+    """content, style (judge), lexicon (word lists): shares of the captions; bleu: corpus BLEU-4 of captions asked in
+    `style` (None: plain). per_example adds caption_outcomes as "per_example" (its "bleu" is each caption's sentence
+    BLEU, whose mean is not the corpus BLEU: compare two models by it, paired, not against the corpus figure)."""
+    outcomes = caption_outcomes(texts, labels, style, judge)
+    out = {m: sum(v) / len(v) for m, v in outcomes.items() if m != "bleu"}
+    out["bleu"] = captions.bleu(texts, captions.references([int(y) for y in labels], style))
+    if per_example:
+        out["per_example"] = outcomes
     return out
 
 
 def evaluate_styles(track: VlmTrack, split: str = "test", limit: int | None = None, styles=STYLE_NAMES,
                     keep: int = 0, nll: bool = True) -> dict[str, dict]:
     """{style: metrics} of track.model as it is now (with nll: the reference captions' NLL, lower is better);
-    keep > 0 adds the first `keep` captions as "samples"."""
+    keep > 0 adds the first `keep` captions as "samples". Every style's metrics hold "per_example": {metric: [one
+    value per test image, in split order]} (content, style, lexicon: 0/1; bleu: sentence BLEU; nll: that image's
+    reference caption's mean per-token NLL), so two models on the same images compare paired
+    (measure.paired_difference)."""
     pixels, labels = split_images(track, split, limit)
     out = {}
     for style in styles:
         texts = vlm.generate_captions(track.model, track.tokenizer, pixels, captions.prompt_for(style))
-        out[style] = caption_metrics(texts, labels, style, track.judge)
+        out[style] = caption_metrics(texts, labels, style, track.judge, per_example=True)
         if nll:
-            out[style]["nll"] = caption_nll(track, style, split, limit)
+            out[style]["nll"], out[style]["per_example"]["nll"] = caption_nll(track, style, split, limit,
+                                                                               per_example=True)
         if keep:
             out[style]["samples"] = texts[:keep]
     return out
@@ -116,20 +134,23 @@ def evaluate_styles(track: VlmTrack, split: str = "test", limit: int | None = No
 
 @torch.no_grad()
 def caption_nll(track: VlmTrack, style: str, split: str = "test", limit: int | None = None,
-                batch_size: int = 16) -> float:
+                batch_size: int = 16, per_example: bool = False):
     """Mean per-token NLL of one reference caption per image of `style` (teacher-forced, with the style prompt).
-    Finer than the accuracies, which saturate: it shows how much of a LoRA's style a merge keeps."""
+    Finer than the accuracies, which saturate: it shows how much of a LoRA's style a merge keeps.
+    per_example: (that mean, [each caption's own mean per-token NLL, in image order])."""
     pixels, labels = split_images(track, split, limit)
     texts = [refs[0] for refs in captions.references(labels, style)]
-    total = tokens = 0.0
+    sums, counts = [], []
     for start in range(0, len(labels), batch_size):
         batch = vlm.caption_batch(track.model, track.tokenizer, pixels[start:start + batch_size],
                                   [captions.prompt_for(style)] * len(texts[start:start + batch_size]),
                                   texts[start:start + batch_size])
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += vlm.caption_loss(track.model, batch).item() * n
-        tokens += n
-    return total / tokens
+        total, tokens = vlm.caption_token_losses(track.model, batch)
+        sums.append(total.double())
+        counts.append(tokens)
+    sums, counts = torch.cat(sums), torch.cat(counts)
+    mean = float(sums.sum() / counts.sum())
+    return (mean, (sums / counts).tolist()) if per_example else mean
 
 
 def calibration_batches(track: VlmTrack, style: str, n: int, batch_size: int, mask: str = "text",

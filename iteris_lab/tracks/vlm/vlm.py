@@ -181,14 +181,30 @@ def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def caption_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the caption tokens; lm_head runs only at the positions that predict a label."""
+    logits, targets, _ = _caption_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def caption_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per caption of the batch: (summed cross-entropy of its tokens (B,), its number of caption tokens (B,)).
+    Their ratio is each caption's mean per-token NLL; sum / sum is caption_loss over the batch."""
+    logits, targets, rows = _caption_logits(model, batch)
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    n = len(batch["input_ids"])
+    total = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+    return total.cpu(), torch.bincount(rows, minlength=n).cpu()
+
+
+def _caption_logits(model, batch: dict[str, torch.Tensor]):
+    """(logits (K, vocab), targets (K,), batch row of each (K,)) at the K positions that predict a caption token."""
     llava = _llava(model)
     device = next(llava.parameters()).device
     hidden = llava.model(input_ids=batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device),
                          attention_mask=batch["attention_mask"].to(device)).last_hidden_state
     targets = batch["labels"][:, 1:].to(device)
     keep = targets != -100
-    logits = llava.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    rows = keep.nonzero()[:, 0]
+    return llava.lm_head(hidden[:, :-1][keep]), targets[keep], rows
 
 
 # The language model's statistics count the rows batch["text_mask"] marks (text tokens) when a batch has one.
