@@ -139,7 +139,8 @@ def chapter_title(nb: dict, fallback: str) -> str:
 
 def provenance_table(paths: list[Path]) -> str:
     """The front page's markdown table: how each chapter's committed outputs were made."""
-    rows = ["| chapter | profile | iteris-lab | commit | refreshed (UTC) | run time |", "|---|---|---|---|---|---|"]
+    rows = ["| chapter | profile | iteris-lab | commit | refreshed (UTC) | run time | load |",
+            "|---|---|---|---|---|---|---|"]
     for path in paths:
         nb = json.loads(path.read_text(encoding="utf-8"))
         meta = nb["metadata"].get("iteris", {})
@@ -147,7 +148,7 @@ def provenance_table(paths: list[Path]) -> str:
         rows.append(f"| [{chapter_title(nb, path.stem)}]({path.name}) | {meta.get('profile', 'not refreshed')} | "
                     f"{meta.get('iteris_lab', '')} | {meta.get('git_commit') or ''} | "
                     f"{meta.get('date', '').replace('T', ' ').rstrip('Z')} | "
-                    f"{'' if seconds is None else f'{seconds} s'} |")
+                    f"{'' if seconds is None else f'{seconds} s'} | {meta.get('load_average', '')} |")
     return "\n".join(rows)
 
 

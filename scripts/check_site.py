@@ -83,6 +83,7 @@ def problems_of(report: dict, log: list[str]) -> list[str]:
 
 def check(out: Path, screens: Path, chromium: str, timeout_ms: int) -> int:
     from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     pages = sorted(p.name for p in out.glob("*.html"))
@@ -107,8 +108,11 @@ def check(out: Path, screens: Path, chromium: str, timeout_ms: int) -> int:
                         if r.status >= 400 else None)
                 try:
                     page.goto(base + name, wait_until="load", timeout=timeout_ms)
-                    if page.evaluate("() => !!window.MathJax"):
-                        page.wait_for_function(MATHJAX_READY, timeout=timeout_ms)
+                    if page.evaluate("() => !!window.MathJax"):  # Sphinx's config object, even if the script is gone
+                        try:
+                            page.wait_for_function(MATHJAX_READY, timeout=timeout_ms)
+                        except PlaywrightTimeout:
+                            log.append(f"MathJax did not finish typesetting within {timeout_ms // 1000} s")
                     report = page.evaluate(INSPECT)
                     page.screenshot(path=str(screens / f"{Path(name).stem}.png"), full_page=True)
                 except PlaywrightError as error:

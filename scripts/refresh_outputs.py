@@ -13,8 +13,8 @@ For each notebook, in a kernel started in notebooks/ (as nbval does) that import
   half-executed chapter is never written);
 - each code cell gets `metadata.iteris.source_sha256`, the hash of the source its outputs came from;
   tests/test_course.py fails when a cell's source no longer matches (edit a cell → refresh the chapter);
-- the notebook gets `metadata.iteris`: profile, library version, git commit, Python and torch versions, date (UTC)
-  and the run time in seconds;
+- the notebook gets `metadata.iteris`: profile, library version, git commit, Python and torch versions, date (UTC),
+  the run time in seconds and the machine's 1-minute load average when it ended;
 - exercise solutions (cells tagged `solution`) are hidden: `metadata.jupyter.source_hidden/outputs_hidden` (JupyterLab
   shows them collapsed, also after Run All) and the myst-nb tag `hide-cell` with a "Show solution" prompt (the site
   shows them behind a click);
@@ -233,6 +233,7 @@ def refresh(path: Path, profile: str, timeout: int, versions: dict) -> float:
     record_hashes(nb)
     hide_solutions(nb)
     nb["metadata"]["iteris"] = {"profile": profile, **versions, "seconds": round(seconds),
+                                "load_average": round(os.getloadavg()[0], 1),  # context for "seconds"
                                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     write(path, nb)
     return seconds
