@@ -9,7 +9,7 @@ a page that needs the network fails here. For each page, after MathJax has finis
 - no console error, no uncaught exception, no failed request (a missing file is a 404);
 - every <img> has loaded and decoded (complete, naturalWidth > 0);
 - every math element of Sphinx (`.math`) holds a MathJax rendering (`mjx-container`), no MathJax error
-  (`mjx-merror`), and no raw `\\(` or `\\[` is left in the page's text outside code;
+  (`mjx-merror`), and no raw `\\(`, `\\[` or markdown table row (`|---`) is left in the page's text outside code;
 - every cell tagged `solution` is folded: its code is not visible until the reader opens it.
 Writes a full-page screenshot of each page to --screens (look at them). Prints one line per page; exit status 0
 only if every page passes, 1 otherwise (with the reasons), 2 for a bad OUT.
@@ -43,7 +43,8 @@ INSPECT = """() => {
   const raw = [];
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement.closest('pre, code, script, style, textarea, mjx-container')) continue;
-    if (/\\\\\\(|\\\\\\[/.test(node.textContent)) raw.push(node.textContent.trim().slice(0, 60));
+    // raw TeX, or a markdown table rendered as text (|---|)
+    if (/\\\\\\(|\\\\\\[|\\|\\s*:?---/.test(node.textContent)) raw.push(node.textContent.trim().slice(0, 60));
   }
   const solutions = Array.from(document.querySelectorAll('.tag_solution')).map(cell => {
     const code = cell.querySelector('.cell_input');
@@ -74,7 +75,7 @@ def problems_of(report: dict, log: list[str]) -> list[str]:
     if report["rendered"] < report["maths"] or report["errors"]:
         problems.append(f"math: {report['rendered']}/{report['maths']} rendered, {report['errors']} MathJax errors")
     if report["raw"]:
-        problems.append(f"raw TeX left in the text: {report['raw'][:3]}")
+        problems.append(f"raw TeX or markdown table left in the text: {report['raw'][:3]}")
     shown = [i for i, s in enumerate(report["solutions"]) if not s["folded"] or s["codeVisible"]]
     if shown:
         problems.append(f"solution cell(s) {shown} visible without a click")
