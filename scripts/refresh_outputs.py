@@ -206,6 +206,8 @@ def execute(path: Path, profile: str, timeout: int) -> tuple[dict, float]:
     started, seen = time.perf_counter(), []
 
     def on_cell_start(cell, cell_index):
+        if cell.cell_type != "code":  # nbclient calls this hook for markdown cells too
+            return
         now = time.perf_counter()
         previous = f", the one before took {now - seen[-1]:.0f} s" if seen else ""
         seen.append(now)
