@@ -14,14 +14,15 @@ CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 FIX = "run `python scripts/refresh_outputs.py {}` and commit the notebook"
 
 
-def _load_refresher():
-    spec = importlib.util.spec_from_file_location("refresh_outputs", ROOT / "scripts" / "refresh_outputs.py")
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-refresher = _load_refresher()
+refresher = _load_script("refresh_outputs")
+builder = _load_script("build_book")
 
 
 def read(path):
@@ -148,3 +149,34 @@ def test_scrubbing_removes_machine_paths_addresses_and_widget_views():
     assert stream["text"] == "<site-packages>/peft/x.py:3: Warning\nsaved to ../runs/a\n"
     assert result["data"]["text/plain"] == "<Foo object>"
     assert widget["data"] == {"text/plain": refresher.WIDGET_NOTE}
+
+
+# The site builder's destination rule: it replaces only a folder it built itself (nothing of the user's is lost).
+
+def test_the_builder_accepts_a_new_or_empty_folder(tmp_path):
+    builder.check_out(tmp_path / "site", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    builder.check_out(tmp_path / "empty", overwrite=False)
+
+
+def test_the_builder_refuses_a_folder_it_did_not_build_even_with_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(builder.BuildError, match="not a site built by this script"):
+        builder.check_out(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_builder_replaces_its_own_build_only_with_overwrite(tmp_path):
+    (tmp_path / builder.MARKER).write_text("")
+    (tmp_path / "index.html").write_text("<html></html>")
+    with pytest.raises(builder.BuildError, match="--overwrite"):
+        builder.check_out(tmp_path, overwrite=False)
+    builder.check_out(tmp_path, overwrite=True)
+
+
+def test_the_front_page_table_lists_every_chapter_with_its_run():
+    table = builder.provenance_table(CHAPTERS).splitlines()
+    assert len(table) == 2 + len(CHAPTERS)
+    for line, path in zip(table[2:], CHAPTERS):
+        profile = read(path)["metadata"].get("iteris", {}).get("profile", "not refreshed")
+        assert f"]({path.name})" in line and f"| {profile} |" in line
