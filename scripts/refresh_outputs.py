@@ -199,7 +199,7 @@ def execute(path: Path, profile: str, timeout: int) -> tuple[dict, float]:
     Prints one status line per code cell, since a chapter runs for minutes."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
@@ -224,7 +224,7 @@ def execute(path: Path, profile: str, timeout: int) -> tuple[dict, float]:
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
         client.execute()
-    except (CellExecutionError, CellTimeoutError) as error:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:  # a dead kernel: out of memory?
         raise RefreshError(f"{path.name}: a cell failed, the notebook was not written.\n{error}") from None
     finally:
         os.environ.clear()
