@@ -15,8 +15,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_objective",
-           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_image_grid"]
+__all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_weights_shared",
+           "plot_objective", "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_paired",
+           "plot_image_grid"]
 
 
 # ---------------------------------------------------------------- labels
@@ -121,8 +122,8 @@ def plot_weights(history, iteration: int = 1, tasks=None, normalize: bool = True
     """Heatmap of the adaptive weights λ at one iteration: layers (rows) × tasks (columns).
     normalize: λ_i / Σ_j λ_j per layer; only these shares matter, a common factor changes nothing."""
     record = _record(history, iteration)
-    names = list(record.weights)
-    lam = np.array([record.weights[n] for n in names], dtype=float)
+    names = list(record.lambdas)
+    lam = np.array([record.lambdas[n] for n in names], dtype=float)
     if normalize:
         lam = lam / lam.sum(axis=1, keepdims=True)
     labels = task_labels(tasks, lam.shape[1])
@@ -135,6 +136,37 @@ def plot_weights(history, iteration: int = 1, tasks=None, normalize: bool = True
     ax.tick_params(axis="y", labelsize=7)
     ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(title or f"adaptive weights λ, iteration {iteration}")
+    return fig
+
+
+def plot_weights_shared(histories: dict, iteration: int = 1, tasks=None, title: str | None = None) -> Figure:
+    """The λ shares λ_i / Σ_j λ_j of several merges side by side, one heatmap per label of `histories`
+    ({label: history}), layers (rows) × tasks (columns), on ONE colour scale (the range over all panels) with one
+    colour bar: equal colours are equal shares in every panel, so a flat panel next to a varied one shows as flat."""
+    shares = {}
+    for label, history in histories.items():
+        record = _record(history, iteration)
+        lam = np.array([record.lambdas[n] for n in record.lambdas], dtype=float)
+        shares[label] = (list(record.lambdas), lam / lam.sum(axis=1, keepdims=True))
+    if not shares:
+        raise ValueError("plot_weights_shared needs at least one history")
+    low = min(float(s.min()) for _, s in shares.values())
+    high = max(float(s.max()) for _, s in shares.values())
+    n_tasks = next(iter(shares.values()))[1].shape[1]
+    labels = task_labels(tasks, n_tasks)
+    n_layers = max(len(names) for names, _ in shares.values())
+    fig = Figure(figsize=(1.6 + 1.1 * n_tasks * len(shares), 1.7 + 0.22 * n_layers), layout="constrained")
+    axes = fig.subplots(1, len(shares), squeeze=False)[0]
+    for k, (ax, (label, (names, share))) in enumerate(zip(axes, shares.items())):
+        sns.heatmap(share, ax=ax, cmap="viridis", vmin=low, vmax=high, xticklabels=labels,
+                    yticklabels=short_names(names) if k == 0 else False, annot=share.size <= 60, fmt=".2f",
+                    cbar=k == len(shares) - 1, cbar_kws={"label": "λ_i / Σλ (one scale for all panels)"})
+        ax.set_title(str(label))
+        ax.set_xlabel("task")
+        ax.tick_params(axis="x", labelrotation=20)
+    axes[0].set_ylabel("layer")
+    axes[0].tick_params(axis="y", labelsize=7)
+    fig.suptitle(title or f"adaptive weights λ (shares), iteration {iteration}")
     return fig
 
 
@@ -261,6 +293,30 @@ def plot_scores(table, title: str = "normalized score (merged / own LoRA)") -> F
     frame = pd.concat([frame[["method", "task", "normalized"]], mean], ignore_index=True)
     return plot_bars(frame, x="task", y="normalized", hue="method", title=title,
                      ylabel="normalized score", reference=1.0)
+
+
+def plot_paired(differences: dict, title: str = "paired differences", xlabel: str = "difference (a − b)") -> Figure:
+    """Paired differences with their confidence intervals, one row per label of `differences` ({label:
+    PairedDifference from iteris_lab.measure.paired_difference}): a dot at the mean, a bar from low to high, and a
+    line at 0. Green: the interval lies above 0 ("ahead"); red: below ("behind"); grey: it holds 0 ("within noise")."""
+    labels = list(differences)
+    if not labels:
+        raise ValueError("plot_paired needs at least one difference")
+    colors = {"ahead": "C2", "behind": "C3", "within noise": "0.45"}
+    fig, ax = _figure(6.0, 1.2 + 0.45 * len(labels))
+    for y, label in enumerate(labels):
+        d = differences[label]
+        ax.errorbar(d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", capsize=4,
+                    color=colors.get(d.verdict, "0.45"), label=d.verdict)
+    ax.axvline(0.0, color="0.3", ls="--", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first label on top
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    handles = {h.get_label(): h for h in ax.get_legend_handles_labels()[0]}
+    ax.legend(handles.values(), handles.keys(), fontsize="small", title=f"{differences[labels[0]].confidence:.0%} interval",
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
 
 
 def plot_image_grid(rows: dict, columns=None, title: str = "", cell: float = 0.55) -> Figure:
