@@ -168,3 +168,34 @@ def test_interval_plot_draws_each_interval_in_its_verdicts_colour():
     assert dots[0].get_xdata()[0] == ahead.mean == 1.0
     with pytest.raises(ValueError):
         plots.plot_intervals({})
+
+
+def test_weights_shared_puts_every_panel_on_one_colour_scale(history):
+    flat = [type(r)(**{**r.__dict__, "lambdas": {n: [1.0, 1.0] for n in r.lambdas}}) for r in history]
+    fig = plots.plot_weights_shared({"varied": history, "flat": flat}, tasks=["a", "b"])
+    varied_ax, flat_ax = fig.axes[:2]
+    assert [varied_ax.get_title(), flat_ax.get_title()] == ["varied", "flat"]
+    meshes = [ax.collections[0] for ax in (varied_ax, flat_ax)]
+    assert meshes[0].norm.vmin == meshes[1].norm.vmin and meshes[0].norm.vmax == meshes[1].norm.vmax
+    lam = np.array([history[0].lambdas[n] for n in ("0", "2", "4")])
+    shares = lam / lam.sum(axis=1, keepdims=True)
+    assert meshes[0].norm.vmin == pytest.approx(min(shares.min(), 0.5))
+    assert meshes[0].norm.vmax == pytest.approx(max(shares.max(), 0.5))
+    assert np.allclose(np.asarray(meshes[1].get_array()), 0.5)
+    assert len(fig.axes) == 3  # two heatmaps, one colour bar
+
+
+def test_interval_plot_spans_each_interval_draws_zero_and_names_the_verdicts():
+    from iteris_lab.measure import PairedDifference
+
+    diffs = {"ahead": PairedDifference(0.2, 0.1, 0.3, 50, 0.95), "noise": PairedDifference(0.0, -0.1, 0.1, 50, 0.95)}
+    ax = plots.plot_intervals(diffs, title="t").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ahead", "noise"]
+    bars = [c for c in ax.containers]
+    assert len(bars) == 2
+    segments = bars[0].lines[2][0].get_segments()[0]
+    assert np.allclose(sorted(segments[:, 0]), [0.1, 0.3])  # the bar spans the interval
+    assert any(np.allclose(line.get_xdata(), 0.0) for line in ax.get_lines())  # the zero line
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["ahead", "within noise"]
+    with pytest.raises(ValueError):
+        plots.plot_intervals({})

@@ -15,8 +15,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_objective",
-           "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores", "plot_image_grid", "plot_intervals"]
+__all__ = ["short_names", "task_labels", "plot_covariance", "plot_spectrum", "plot_weights", "plot_weights_shared",
+           "plot_objective", "plot_drift", "plot_change", "plot_lines", "plot_bars", "plot_scores",
+           "plot_image_grid", "plot_intervals"]
 
 
 # ---------------------------------------------------------------- labels
@@ -121,8 +122,8 @@ def plot_weights(history, iteration: int = 1, tasks=None, normalize: bool = True
     """Heatmap of the adaptive weights λ at one iteration: layers (rows) × tasks (columns).
     normalize: λ_i / Σ_j λ_j per layer; only these shares matter, a common factor changes nothing."""
     record = _record(history, iteration)
-    names = list(record.weights)
-    lam = np.array([record.weights[n] for n in names], dtype=float)
+    names = list(record.lambdas)
+    lam = np.array([record.lambdas[n] for n in names], dtype=float)
     if normalize:
         lam = lam / lam.sum(axis=1, keepdims=True)
     labels = task_labels(tasks, lam.shape[1])
@@ -135,6 +136,37 @@ def plot_weights(history, iteration: int = 1, tasks=None, normalize: bool = True
     ax.tick_params(axis="y", labelsize=7)
     ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(title or f"adaptive weights λ, iteration {iteration}")
+    return fig
+
+
+def plot_weights_shared(histories: dict, iteration: int = 1, tasks=None, title: str | None = None) -> Figure:
+    """The λ shares λ_i / Σ_j λ_j of several merges side by side, one heatmap per label of `histories`
+    ({label: history}), layers (rows) × tasks (columns), on ONE colour scale (the range over all panels) with one
+    colour bar: equal colours are equal shares in every panel, so a flat panel next to a varied one shows as flat."""
+    shares = {}
+    for label, history in histories.items():
+        record = _record(history, iteration)
+        lam = np.array([record.lambdas[n] for n in record.lambdas], dtype=float)
+        shares[label] = (list(record.lambdas), lam / lam.sum(axis=1, keepdims=True))
+    if not shares:
+        raise ValueError("plot_weights_shared needs at least one history")
+    low = min(float(s.min()) for _, s in shares.values())
+    high = max(float(s.max()) for _, s in shares.values())
+    n_tasks = next(iter(shares.values()))[1].shape[1]
+    labels = task_labels(tasks, n_tasks)
+    n_layers = max(len(names) for names, _ in shares.values())
+    fig = Figure(figsize=(1.6 + 1.1 * n_tasks * len(shares), 1.7 + 0.22 * n_layers), layout="constrained")
+    axes = fig.subplots(1, len(shares), squeeze=False)[0]
+    for k, (ax, (label, (names, share))) in enumerate(zip(axes, shares.items())):
+        sns.heatmap(share, ax=ax, cmap="viridis", vmin=low, vmax=high, xticklabels=labels,
+                    yticklabels=short_names(names) if k == 0 else False, annot=share.size <= 60, fmt=".2f",
+                    cbar=k == len(shares) - 1, cbar_kws={"label": "λ_i / Σλ (one scale for all panels)"})
+        ax.set_title(str(label))
+        ax.set_xlabel("task")
+        ax.tick_params(axis="x", labelrotation=20)
+    axes[0].set_ylabel("layer")
+    axes[0].tick_params(axis="y", labelsize=7)
+    fig.suptitle(title or f"adaptive weights λ (shares), iteration {iteration}")
     return fig
 
 
@@ -308,11 +340,17 @@ def plot_intervals(intervals: dict, title: str = "", xlabel: str = "difference",
     for k, label in enumerate(labels):
         d = intervals[label]
         colour = VERDICT_COLOURS.get(getattr(d, "verdict", None), "C0")
-        ax.errorbar([d.mean], [k], xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=colour, capsize=3)
+        ax.errorbar([d.mean], [k], xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=colour, capsize=3,
+                    label=getattr(d, "verdict", None) or "_")
     if reference is not None:
         ax.axvline(reference, color="0.3", ls="--", lw=1)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_ylim(len(labels) - 0.5, -0.5)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
+    handles = {h.get_label(): h for h in ax.get_legend_handles_labels()[0]}  # one legend entry per verdict
+    if handles:
+        confidence = getattr(intervals[labels[0]], "confidence", None)
+        ax.legend(handles.values(), handles.keys(), fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, title=f"{confidence:.0%} interval" if confidence else None)
     return ax.figure
