@@ -53,10 +53,10 @@ class MergeSettings:
     tol:         stop early when every layer's relative change falls below tol (jacobi).
     seed:        DARE's random drops.
     max_length, batch_size, chat_template: how calibration given as texts is tokenized (iteris_lab.io.calibration
-                 .tokenize): each text truncated to max_length tokens (None: 128, or the model's learned positions
-                 when fewer; a larger max_length is clamped to them with a warning), batch_size texts per batch, and with
-                 chat_template=True each text wrapped as a user turn of the tokenizer's chat template (how instruct
-                 LoRAs are trained). Unused when the calibration is already batches of tensors.
+                 .tokenize): each text truncated to max_length tokens (None: 128, or the model's learned
+                 positions when fewer; a larger max_length is clamped to them with a warning), batch_size texts per
+                 batch, and with chat_template=True each text wrapped as a user turn of the tokenizer's chat
+                 template (how instruct LoRAs are trained). Unused when the calibration is already batches.
     gram_dtype:  "float32" (default) or "float64": the precision the statistics XᵀX̃ are summed in. Solves are
                  always float64; float64 statistics matter when α is tiny (≤ 1e-6) and a layer sees fewer
                  rows than inputs (rank-deficient Grams, the paper's Flan-T5 setting).

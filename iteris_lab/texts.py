@@ -74,8 +74,9 @@ def _record(item, task: int, index: int) -> dict:
 
 def tokenize_texts(model, tokenizer, texts: list[list[dict]], settings) -> list[list[dict]]:
     """Per task, padded batches of its texts (iteris_lab.io.calibration.tokenize) with the settings' max_length
-    (clamped to the model's learned positions, with a warning when the user chose it), batch_size and chat_template. The tokenizer's pad
-    token, which tokenize sets to eos when it is missing, is restored afterwards: the tokenizer is the user's."""
+    (clamped to the model's learned positions, with a warning when the user chose it), batch_size and
+    chat_template. The tokenizer's pad token, which tokenize sets to eos when it is missing, is restored
+    afterwards: the tokenizer is the user's."""
     from .io.calibration import tokenize
 
     config = getattr(model, "config", None)

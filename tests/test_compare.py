@@ -87,7 +87,8 @@ def test_compare_command_scores_every_model_on_every_task_as_peft_does(setup, tm
     assert set(out["rows"][0]) == {"model", "task", "agreement", "kl", "accuracy"}
     # own LoRA and an identical copy: perfect fidelity; accuracy only where targets exist
     for model in ("task_0", "copy_of_0"):
-        assert rows[(model, "task_0")]["agreement"] == 1.0 and rows[(model, "task_0")]["kl"] == pytest.approx(0, abs=1e-9)
+        assert rows[(model, "task_0")]["agreement"] == 1.0
+        assert rows[(model, "task_0")]["kl"] == pytest.approx(0, abs=1e-9)
     assert rows[("base", "task_1")]["accuracy"] is None and rows[("base", "task_0")]["accuracy"] is not None
     # the base model against task_0's LoRA, recomputed prompt by prompt with PEFT
     own = peft_reference(setup, setup["adapters"][0], setup["prompts"][0])

@@ -124,5 +124,6 @@ def test_lora_layers_on_modules_the_merge_does_not_touch_are_refused(tiny_case):
 
     case = tiny_case("llama", targets=["q_proj", "v_proj"])
     model = inject_adapter_in_model(LoraConfig(target_modules=["k_proj"]), copy.deepcopy(case.model))
-    with pytest.raises(AdapterError, match=r"already carries a PEFT adapter \(2 LoRA modules, .*k_proj\).*freshly loaded base"):
+    match = r"already carries a PEFT adapter \(2 LoRA modules, .*k_proj\).*freshly loaded base"
+    with pytest.raises(AdapterError, match=match):
         iteris_lab.merge_loras(model, case.adapters, case.calibration, progress=False)
