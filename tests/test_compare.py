@@ -166,3 +166,11 @@ def test_plots_of_a_comparison(setup):
     table = paired_table(result, "base", resamples=200)
     assert len(table) == 3 * 2 and set(table["verdict"]) <= {"ahead", "behind", "within noise"}
     assert len(plot_paired(result, "base", resamples=200).axes[0].get_yticklabels()) == 6
+
+
+def test_compare_has_help(capsys):
+    from iteris_lab.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["compare", "--help"])
+    assert exit_info.value.code == 0 and "--merged" in capsys.readouterr().out
