@@ -27,6 +27,7 @@ from .features import Grams, check_coverage, gram_pass, paired_pass
 from .objective import LayerProblem, adaptive_weight, objective, output_energy, shrink_off_diagonal, solve
 from .result import MergeResult, module_prefix
 from .settings import METHODS, MergeSettings
+from .texts import text_records, tokenize_texts
 from .sweep import SweepTask, one_sweep
 from .targets import Target, resolve_names
 
@@ -71,17 +72,23 @@ class _Layer:
     delta: torch.Tensor | None = None  # (out, in_flat) float64
 
 
-def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | None = None, forward=None,
-                on_iteration=None, progress: bool = True, **keywords) -> MergeResult:
+def merge_loras(model, adapters, calibration=None, *, tokenizer=None, settings: MergeSettings | None = None,
+                forward=None, on_iteration=None, progress: bool = True, **keywords) -> MergeResult:
     """Merge N ≥ 2 LoRA adapters of `model` into one ΔW per adapted layer.
 
-    model:       the base nn.Module, without adapters; it is left unchanged (weights restored on return or error).
+    model:       the base nn.Module, without adapters (a PeftModel, or a model with LoRA layers injected, is refused:
+                 its active LoRAs would shift every feature); it is left unchanged (weights restored on return or
+                 error).
     adapters:    PEFT LoRA folders (or LoraAdapter objects), one per task.
-    calibration: per task, an iterable of batches (dicts of model kwargs, or tensors); only for "iteris" and
-                 "regmean". `attention_mask` (and `decoder_attention_mask`/`labels`, `encoder_attention_mask`)
-                 mark real positions: padding never enters a Gram. Iterables are read into lists.
-    keywords:    the choices of the merge (method, schedule, max_iter, alpha, adaptive_weights, weights, ...):
-                 the fields of MergeSettings, documented there once; or settings=MergeSettings(...) instead.
+    calibration: per task, an iterable of batches (dicts of model kwargs, or tensors), or a list of texts (str, or
+                 {"text": str, "target": str | None} records) tokenized with `tokenizer` in batches of
+                 settings.batch_size, truncated to settings.max_length tokens (optionally through the chat
+                 template: chat_template=True); only for "iteris" and "regmean". `attention_mask`
+                 (and `decoder_attention_mask`/`labels`, `encoder_attention_mask`) mark real positions: padding
+                 never enters a Gram. Iterables are read into lists.
+    tokenizer:   the base model's tokenizer; needed when the calibration is texts.
+    keywords:    the choices of the merge (method, schedule, max_iter, alpha, adaptive_weights, weights, max_length,
+                 ...): the fields of MergeSettings, documented there once; or settings=MergeSettings(...) instead.
     forward:     optional callable forward(model, batch), or a list of them (one per task), used instead of
                  model(**batch) — e.g. teacher forcing or a denoising step.
     on_iteration: optional callable(record, deltas) called after every solve with its IterationRecord and the
@@ -91,7 +98,9 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
     start = time.perf_counter()
     if settings is not None and keywords:
         raise IterisError(f"pass either settings=MergeSettings(...) or keywords ({', '.join(keywords)}), not both.")
-    settings = settings if settings is not None else MergeSettings(**keywords)
+    settings = settings if settings is not None else MergeSettings.from_keywords(keywords, also=_PARAMETERS)
+    texts = text_records(calibration, tokenizer) if settings.method not in baselines.DATA_FREE else None
+    check_plain_model(model)
     loras = _read_adapters(adapters)
     checked = check_adapters(model, loras)  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
     layers = _layers(model, loras, settings.modules)
@@ -100,6 +109,9 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
     if settings.method in baselines.DATA_FREE:
         history = _merge_data_free(layers, settings)
     else:
+        if texts is not None:
+            calibration = tokenize_texts(model, tokenizer, texts, settings)
+            checked["calibration_texts"] = [len(records) for records in texts]
         batches, forwards = _calibration(calibration, forward, len(loras))
         run = _sweep if settings.schedule == "sweep" else _iterate
         with _calibration_mode(model):
@@ -118,6 +130,35 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
         seconds=time.perf_counter() - start,
         base_model=loras[0].config.get("base_model_name_or_path"),
     )
+
+
+_PARAMETERS = ("model", "adapters", "calibration", "tokenizer", "settings", "forward", "on_iteration", "progress")
+
+
+def check_plain_model(model) -> None:
+    """Refuse a model that already carries PEFT layers (a PeftModel, or LoRA layers injected into a model).
+
+    Its active LoRAs would enter every feature X, also in modules that the merged adapters do not touch, and a
+    merged one (merge_adapter()) has changed W0 itself: the result would be the merge of another model. Removing
+    the layers is the user's call (it changes their model), so the message names how."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not wrapped:
+        return
+    what = "a PeftModel; " if isinstance(model, PeftModel) else ""
+    modules = dict(model.named_modules())
+    merged = any(getattr(modules[name], "merged", False) for name in wrapped)
+    fix = "Pass a freshly loaded base model"
+    if hasattr(model, "unload"):
+        fix += (" or model.unload() (it removes the LoRA layers in place and returns the base model; the adapter "
+                "folders are untouched)")
+    if merged:
+        fix = "A LoRA is merged into its base weights: call model.unmerge_adapter() first. " + fix
+    raise AdapterError(f"the model already carries a PEFT adapter ({what}{len(wrapped)} LoRA modules, e.g. "
+                       f"{wrapped[0]}); IterIS needs the base model "
+                       f"alone, because an adapter in it would shift every feature. {fix}.")
 
 
 def _read_adapters(adapters) -> list[LoraAdapter]:

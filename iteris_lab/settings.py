@@ -6,7 +6,8 @@ and α = 0 (chapter 01), the sweep is one pass (chapter 03), and the per-task we
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import difflib
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Sequence, get_args
 
 import torch
@@ -28,6 +29,7 @@ _RANGES = {  # the numbers checked up front: name -> (test, what the value must 
     "regmean_shrink": (lambda v: 0 <= v <= 1, "in [0, 1] (1 keeps the Grams as they are)"),
     "tol": (lambda v: v >= 0, "None (run every solve) or a number >= 0"),
 }
+_COUNTS = ("max_iter", "max_length", "batch_size")  # whole numbers >= 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class MergeSettings:
                  (a task that does not adapt a layer asks for ΔW = 0 there).
     tol:         stop early when every layer's relative change falls below tol (jacobi).
     seed:        DARE's random drops.
+    max_length, batch_size, chat_template: how calibration given as texts is tokenized (iteris_lab.io.calibration
+                 .tokenize): each text truncated to max_length tokens (None: 128, or the model's learned
+                 positions when fewer; a larger max_length is clamped to them with a warning), batch_size texts per
+                 batch, and with chat_template=True each text wrapped as a user turn of the tokenizer's chat
+                 template (how instruct LoRAs are trained). Unused when the calibration is already batches.
     gram_dtype:  "float32" (default) or "float64": the precision the statistics XᵀX̃ are summed in. Solves are
                  always float64; float64 statistics matter when α is tiny (≤ 1e-6) and a layer sees fewer
                  rows than inputs (rank-deficient Grams, the paper's Flan-T5 setting).
@@ -67,6 +74,21 @@ class MergeSettings:
     seed: int = 0
     gram_dtype: GramDtype = "float32"
     weights: Sequence[float] | None = None
+    max_length: int | None = None
+    batch_size: int = 8
+    chat_template: bool = False
+
+    @classmethod
+    def from_keywords(cls, keywords: dict, also: Sequence[str] = ()) -> "MergeSettings":
+        """MergeSettings(**keywords), with an unknown name refused by an IterisError that suggests the closest valid
+        one (among the fields and `also`, the caller's other parameters) instead of a bare TypeError."""
+        names = [f.name for f in fields(cls)]
+        for key in keywords:
+            if key not in names:
+                close = difflib.get_close_matches(key, [*names, *also], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise IterisError(f"unknown setting {key!r}; {hint}valid settings: {', '.join(names)}.")
+        return cls(**keywords)
 
     def __post_init__(self):
         for name, allowed in (("method", Method), ("schedule", Schedule), ("adaptive_weights", LambdaVariant),
@@ -78,8 +100,14 @@ class MergeSettings:
         if dtype not in get_args(GramDtype):
             raise IterisError(f"gram_dtype must be one of {get_args(GramDtype)}, got {self.gram_dtype!r}.")
         object.__setattr__(self, "gram_dtype", dtype)
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise IterisError(f"max_iter must be a positive integer (the number of solves), got {self.max_iter!r}.")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if value is None and name == "max_length":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise IterisError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if not isinstance(self.chat_template, bool):
+            raise IterisError(f"chat_template must be True or False, got {self.chat_template!r}.")
         for name, (in_range, what) in _RANGES.items():
             value = getattr(self, name)
             if not (value is None and name == "tol") and not (is_number(value) and in_range(value)):

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import IterisError
-from . import bench, merge
+from . import bench, compare, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     merge.add_parser(sub)
     bench.add_parsers(sub)
+    compare.add_parser(sub)
     return parser
 
 
