@@ -10,6 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from .plots import plot_intervals
+
 _LABELS = {"agreement": "agreement with own LoRA", "kl": "KL(own LoRA ‖ model), nats", "accuracy": "accuracy",
            "correct": "accuracy"}
 
@@ -47,20 +49,11 @@ def paired_table(result, baseline: str, measure: str = "agreement", models=None,
 
 def plot_paired(result, baseline: str, measure: str = "agreement", models=None, title: str = "",
                 **options) -> Figure:
-    """Mean per-prompt difference (model − baseline) with its paired interval, one row per model and task; the
-    dashed line is 0 (no difference). Options go to paired_difference (confidence, resamples, seed)."""
-    table = paired_table(result, baseline, measure, models, **options)
-    fig = Figure(figsize=(6.0, 0.9 + 0.35 * len(table)), layout="constrained")
-    ax = fig.subplots()
-    labels = [f"{r.model} · {r.task}" for r in table.itertuples()]
-    y = range(len(table))
-    colours = {"ahead": "tab:green", "behind": "tab:red", "within noise": "0.5"}
-    for k, r in enumerate(table.itertuples()):
-        ax.errorbar(r.mean, k, xerr=[[r.mean - r.low], [r.high - r.mean]], fmt="o", capsize=3,
-                    color=colours[r.verdict])
-    ax.axvline(0.0, color="0.3", ls="--", lw=1)
-    ax.set_yticks(list(y), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{_LABELS[measure]}: model − {baseline}")
-    ax.set_title(title or f"paired differences against {baseline} (grey: within noise)")
-    return fig
+    """Mean per-prompt difference (model − baseline) with its paired interval, one row per model and task, drawn by
+    the chapters' one forest plot (viz.plots.plot_intervals). Options go to paired_difference (confidence,
+    resamples, seed)."""
+    models = [m for m in (models or result.models) if m != baseline]
+    intervals = {f"{model} · {task}": result.paired(model, baseline, task, measure, **options)
+                 for model in models for task in result.tasks}
+    return plot_intervals(intervals, title or f"paired differences against {baseline} (grey: within noise)",
+                          f"{_LABELS[measure]}: model − {baseline}")
