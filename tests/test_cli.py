@@ -36,8 +36,8 @@ def test_merge_writes_an_adapter_and_a_report(setup):
     assert main(argv) == 0
     report = json.loads((out / "iteris_report.json").read_text())
     assert report["method"] == "iteris" and len(report["iterations"]) == 2
-    assert report["max_relative_error"] == 0.0 and report["timings"]["merge_seconds"] > 0
-    assert set(report["iterations"][0]["weights"]) == set(report["ranks"])
+    assert report["export"]["max_relative_error"] == 0.0 and report["timings"]["merge_seconds"] > 0
+    assert set(report["iterations"][0]["lambdas"]) == set(report["export"]["ranks"])
     model, tokenizer = load_base(base, "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM")
     merged = PeftModel.from_pretrained(model, str(out))
     assert merged is not None
