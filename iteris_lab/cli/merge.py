@@ -85,7 +85,7 @@ def resolve_options(args) -> dict:
 def _read_calibration(args) -> list[list[dict]]:
     from ..io.calibration import read_inputs
 
-    if args.method not in notes.SOLVED:
+    if args.method not in notes.SOLVED or not args.calibration:
         return []
     return [read_inputs(f, args.encoding) for f in args.calibration]
 
@@ -96,8 +96,9 @@ def _tokenize(args, model, tokenizer, records) -> list:
 
     limit = position_limit(model)
     if records and limit is not None and args.max_length > limit:
-        notes.note(f"--max-length {args.max_length} is beyond the {limit} positions the model has learned; "
-                   f"texts are truncated to {limit} tokens.")
+        if "max_length" in args.given:  # the default simply adapts to a short model
+                notes.note(f"--max-length {args.max_length} is beyond the {limit} positions the model has learned; "
+                       f"texts are truncated to {limit} tokens.")
         args.max_length = limit
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     return [tokenize(tokenizer, r, args.batch_size, args.max_length, encoder_decoder, args.chat_template)
@@ -151,9 +152,9 @@ def cmd_merge(args) -> dict:
     from ..merge import merge_loras
 
     resolve_options(args)
+    records = _read_calibration(args)  # plain file reading, before torch is even imported
     _check_merge_args(args)  # fail before the slow part
     notes.unused_settings(args.method, args.given, args.schedule)
-    records = _read_calibration(args)
     adapters = [load_adapter(a) for a in args.adapter]
     spec = resolve_base(args.base, adapters)
     task_type = _task_type(adapters)

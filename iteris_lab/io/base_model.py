@@ -252,13 +252,9 @@ def _load_checked(spec: BaseSpec, task_type, dtype):
     try:
         model, info = auto.from_pretrained(spec.path, dtype=dtype, output_loading_info=True, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, **extra)
-    except Exception as err:  # transformers/safetensors/torch raise many types for one cause: an unreadable file
-        if isinstance(err, (KeyboardInterrupt, MemoryError)):
-            raise
-        raise IterisError(f"base model {spec.path}: could not load it with {auto.__name__} ({type(err).__name__}: "
-                          f"{_first_line(err)}). Check that the checkpoint is complete (re-download or re-save it "
-                          "with save_pretrained); pickled .bin weights load only when torch can read them safely "
-                          "(weights_only).") from err
+    except _unreadable_errors() as err:  # raised while reading the checkpoint's files
+        raise IterisError(f"base model {spec.path}: could not load it with {auto.__name__} "
+                          f"({_why_unreadable(err)}).") from err
     finally:
         logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
@@ -269,6 +265,25 @@ def _load_checked(spec: BaseSpec, task_type, dtype):
                           "on, or the Auto class that matches it (set task_type in the adapters' "
                           "adapter_config.json).")
     return model, tokenizer
+
+
+def _unreadable_errors() -> tuple:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _why_unreadable(err: BaseException) -> str:
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return ("its pickled .bin weights hold objects other than tensors, and iteris-lab does not unpickle them: "
+                "unpickling can run arbitrary code. Convert the checkpoint to safetensors with a tool you trust, "
+                "or use the original safetensors files")
+    return (f"{type(err).__name__}: {_first_line(err)}. Check that the checkpoint is complete: re-download it or "
+            "re-save it with save_pretrained")
 
 
 def position_limit(model) -> int | None:
