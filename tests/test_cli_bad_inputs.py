@@ -44,8 +44,11 @@ def run(args, cwd, limit_bytes: int | None = None, **env) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(root: Path) -> Path:
     """A tiny llama base (+ broken copies), two adapters that record it, calibration files good and bad."""
-    root = tmp_path_factory.mktemp("world")
     os.chdir(root)  # the adapters record the base as "base", relative, as a user's would
     try:
         save_tiny("llama", "base")
