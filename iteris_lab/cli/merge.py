@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import IterisError
-from ..io.base_model import status, task_of  # noqa: F401  (task_of: kept importable from here)
+from ..io.base_model import task_of  # noqa: F401  (kept importable from here)
 from . import notes
 from .options import finite_float, fraction, non_negative, positive_int
 
@@ -162,9 +162,7 @@ def cmd_merge(args) -> dict:
         config = base_config(spec)
         task_type = task_of(config) if config is not None else "CAUSAL_LM"  # a GGUF holds a causal LM
     start = time.perf_counter()
-    if not args.quiet:
-        status(f"loading the base model {spec.recorded if spec.kind == 'offline' else spec.path} ...")
-    model, tokenizer = load_model(spec, task_type, args.dtype)
+    model, tokenizer = load_model(spec, task_type, args.dtype, quiet=args.quiet)
     loaded = time.perf_counter()
     batches = _tokenize(args, model, tokenizer, records)
     settings = {k: getattr(args, k) for k in notes.SETTINGS}

@@ -203,13 +203,16 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def load_base(spec: BaseSpec, task_type: str | None, dtype: str = "float32"):
+def load_base(spec: BaseSpec, task_type: str | None, dtype: str = "float32", quiet: bool = False):
     """(model in eval mode on the GPU when there is one, tokenizer) for `spec`, with the Auto class of
-    `task_type` (None: the one the config's `architectures` names)."""
+    `task_type` (None: the one the config's `architectures` names). quiet: no status line (the note on a
+    stand-in model is always printed)."""
     import torch
 
     if spec.note:
         status(spec.note)
+    if not quiet:
+        status(f"loading the base model {spec.path if spec.gguf_file is None else spec.gguf_file} ...")
     if _is_packaged_smollm2(spec):
         model, tokenizer = _load_smollm2(task_type, getattr(torch, dtype))
     else:
