@@ -212,3 +212,18 @@ def test_tokenize_leaves_the_tokenizer_as_it_was_and_checks_texts(tmp_path):
         tokenize(tokenizer, ["w3", {"text": 3}])
     with pytest.raises(CalibrationError, match="no chat template"):
         tokenize(tokenizer, ["w3"], chat_template=True)
+
+
+def test_chat_template_wraps_each_text_as_a_user_turn_with_the_generation_prompt(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    # a toy template: <s> before each turn, "w9" as the assistant's generation prompt
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}w9 {% endif %}")
+    plain = tokenize(tokenizer, ["w3 w4"])[0]["input_ids"][0].tolist()
+    chat = tokenize(tokenizer, [{"text": "w3 w4", "target": "w5"}], chat_template=True)[0]["input_ids"][0].tolist()
+    vocab = tokenizer.get_vocab()
+    assert chat == [vocab["<s>"], vocab["w3"], vocab["w4"], vocab["w9"], vocab["w5"]]
+    assert plain == [vocab["w3"], vocab["w4"]]
