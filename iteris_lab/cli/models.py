@@ -10,6 +10,8 @@ def cmd_models(args) -> list[dict]:
           "Hugging Face hub is not reachable; --base PATH loads them directly):")
     for row in rows:
         print(f"  {row['id']}\n      package {row['package']} ({row['what']})\n      {row['where']}")
+        if row.get("cache"):
+            print(f"      de-quantised copy: {row['cache']}")
     print(f"Hugging Face hub reachable now: {'yes' if hub_reachable() else 'no'}. Any model folder written by "
           "save_pretrained, or a .gguf file, works with --base too.")
     return rows

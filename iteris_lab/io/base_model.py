@@ -161,12 +161,19 @@ def offline_copy(hub_id: str) -> Path | None:
 
 
 def available_offline() -> list[dict]:
-    """[{"id", "package", "installed", "where", "what"}] for every model an offline package can provide."""
+    """[{"id", "package", "installed", "where", "what"}] for every model an offline package can provide (SmolLM2
+    also "cache": its de-quantised plain copy, None before the first load)."""
     rows = []
     for hub_id, (package, what) in OFFLINE_MODELS.items():
         where = offline_copy(hub_id)
-        rows.append({"id": hub_id, "package": package, "installed": where is not None,
-                     "where": str(where) if where else f"not installed: pip install {package}", "what": what})
+        row = {"id": hub_id, "package": package, "installed": where is not None,
+               "where": str(where) if where else f"not installed: pip install {package}", "what": what}
+        if hub_id == SMOLLM2_ID:
+            from ..tracks.llm.models import default_cache_dir
+
+            cache = default_cache_dir()
+            row["cache"] = str(cache) if (cache / "config.json").is_file() else None
+        rows.append(row)
     return rows
 
 
