@@ -78,7 +78,9 @@ def resolve_options(args) -> dict:
         raise IterisError("no adapters: give --adapter FOLDER (twice or more) or a recipe with --config.")
     for key, value in values.items():
         setattr(args, key, value)
-    args.adapter, args.given = values["adapters"], (set(recipe) | set(line)) - {"adapters"}
+    # a recipe written by a report spells out every default: only values that differ count as chosen
+    chosen = {k for k, v in recipe.items() if k not in DEFAULTS or v != DEFAULTS[k]} | set(line)
+    args.adapter, args.given = values["adapters"], chosen - {"adapters"}
     return values
 
 
