@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import AdapterError
+from .io.destination import describe
 from .targets import resolve_names
 
 PEFT_PREFIX = "base_model.model."  # PEFT saves module names under the wrapper's prefix
@@ -117,6 +118,7 @@ def load_adapter(path) -> LoraAdapter:
     if not path.is_dir():
         raise AdapterError(f"adapter folder {path} does not exist.")
     config_file = path / "adapter_config.json"
+    _refuse_special(config_file)
     if not config_file.is_file():
         raise AdapterError(f"{path}: adapter_config.json is missing; is this a PEFT LoRA folder?")
     try:
@@ -147,8 +149,19 @@ def check_finite(adapter: LoraAdapter) -> None:
             raise AdapterError(f"{adapter.path}: tensor {key} contains NaN or Inf; the adapter is damaged.")
 
 
+def _refuse_special(file: Path) -> None:
+    """A FIFO, a device or a dangling link is named as what it is, never opened (reading one blocks or never
+    ends); a link to a regular file is fine (the hub cache links to its blobs)."""
+    odd = describe(file)
+    if odd and not file.is_file():
+        raise AdapterError(f"{file} is {odd}, not a regular file; copy the adapter's file into a regular file (or "
+                           "point the link at one).")
+
+
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    for file in (st, pt):
+        _refuse_special(file)
     try:
         if st.is_file():
             return load_file(str(st))

@@ -25,7 +25,7 @@ from .errors import AdapterError, CalibrationError, IterisError
 from .deltas import DeltaHooks
 from .features import Grams, check_coverage, gram_pass, paired_pass
 from .objective import LayerProblem, adaptive_weight, objective, output_energy, shrink_off_diagonal, solve
-from .result import MergeResult
+from .result import MergeResult, module_prefix
 from .settings import METHODS, MergeSettings
 from .sweep import SweepTask, one_sweep
 from .targets import Target, resolve_names
@@ -95,6 +95,7 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
     loras = _read_adapters(adapters)
     checked = check_adapters(model, loras)  # NaN/Inf, base models, task_type, shared heads (modules_to_save)
     layers = _layers(model, loras, settings.modules)
+    prefix = module_prefix({k: v for a in loras for k, v in resolve_names(model, a.layers).items()})  # export keys
     settings = settings.resolved(len(loras))
     if settings.method in baselines.DATA_FREE:
         history = _merge_data_free(layers, settings)
@@ -104,7 +105,8 @@ def merge_loras(model, adapters, calibration=None, *, settings: MergeSettings | 
         with _calibration_mode(model):
             history = run(model, layers, batches, forwards, settings, progress, on_iteration)
     record = {k: v for k, v in settings.record().items() if k != "weights"} | checked | dict(
-        adapters=[a.path for a in loras], weights=list(settings.weights), layers=len(layers))
+        adapters=[a.path for a in loras], weights=list(settings.weights), layers=len(layers)) | (
+        {"module_prefix": prefix} if prefix else {})
     return MergeResult(
         method=settings.method,
         deltas=_weight_layout(layers),

@@ -110,16 +110,27 @@ class MergeResult:
         return out
 
     def save_adapter(self, directory, rank: int | None = None, overwrite: bool = False,
-                     extra_files: dict[str, str | bytes] | None = None) -> ExportReport:
+                     extra_files: dict[str, str | bytes] | None = None, inputs=()) -> ExportReport:
         """Write a PEFT LoRA folder (with the task_type the adapters agree on and any carried modules_to_save).
 
-        An existing `directory` is replaced only with overwrite=True and only when it is an adapter folder (it has
-        adapter_config.json); the swap is atomic (export.replace_folder). rank: as export.lora_factors (None: the
-        exact factors of rank Σ r_i when the merge has them; an int: truncated SVD, see ExportReport.relative_error).
-        extra_files: {name: text or bytes} written with the adapter, in the same atomic swap (e.g. a report)."""
+        The destination rule (io/destination.py): the folder never is, holds or lies inside an input (the adapters
+        this merge read, and any `inputs` paths given: calibration files, the base model folder); an existing one is
+        replaced only with overwrite=True and only when it holds nothing but the files this write produces
+        (adapter_config.json, adapter_model.safetensors/.bin, iteris_report.json, the extra_files); others are
+        named in the ExportError. The write is locked against other writers and swapped in atomically.
+        rank: as export.lora_factors (None: the exact factors of rank Σ r_i when the merge has them; an int:
+        truncated SVD, see ExportReport.relative_error).
+        extra_files: {name: text or bytes} written with the adapter, in the same atomic swap (e.g. a report).
+        Module names are the adapters' own: a merge run on an inner module (model.bert of a classifier) is
+        written under the prefix it recorded (settings["module_prefix"]), so the adapter loads where they load."""
         factors = lora_factors(self.deltas, self.factors, self.layers, rank)
-        return write_adapter(directory, factors, self.layers, self.base_model, overwrite, self.task_type,
-                             self.extra.get("carried"), extra_files)
+        prefix = self.settings.get("module_prefix")
+        named = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+        carried = {named(k): v for k, v in (self.extra.get("carried") or {}).items()}
+        return write_adapter(directory, {named(n): f for n, f in factors.items()},
+                             {named(n): layer for n, layer in self.layers.items()}, self.base_model, overwrite,
+                             self.task_type, carried, extra_files,
+                             inputs=[*(self.settings.get("adapters") or []), *inputs])
 
     # -- reading the result: a short repr, a summary, the history as a table ------------------------------------
 
@@ -207,3 +218,17 @@ def _shared_weights(model: nn.Module, written: list[tuple[str, nn.Module, str]])
         if others:
             shared[module_name] = others
     return shared
+
+
+def module_prefix(names: dict[str, str]) -> str | None:
+    """The prefix the adapters' module names have over the model's, when the merge runs on an inner module.
+
+    names: {adapter module name: model module name} (targets.resolve_names). "bert" when every adapter name is
+    "bert." + the model's name (adapters of BertForSequenceClassification merged on model.bert); None when the
+    names agree or the model's are the longer ones (its names then identify the modules in the model merged)."""
+    prefixes = {a[:-len(m) - 1] if a != m and a.endswith("." + m) else "" for a, m in names.items()}
+    if len(prefixes) > 1:
+        shown = ", ".join(sorted(p or "(none)" for p in prefixes))
+        raise AdapterError(f"the adapters' module names sit at different depths of this model (prefixes {shown}); "
+                           "merge on the model the adapters were trained on.")
+    return prefixes.pop() or None if prefixes else None

@@ -160,6 +160,21 @@ def test_failed_export_leaves_no_half_written_adapter(case, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [tmp_path / "case"]
 
 
+@pytest.mark.parametrize("name", ["../escape.txt", "sub/card.md", "adapter_config.json", ""])
+def test_extra_file_names_must_be_plain_names_other_than_the_adapter_files(case, tmp_path, name):
+    result = merge(case, method="linear")
+    with pytest.raises(ExportError, match="give a plain file name"):
+        result.save_adapter(tmp_path / "out", extra_files={name: "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+
+
+def test_save_adapter_without_overwrite_names_the_option(case, tmp_path):
+    result = merge(case, method="linear")
+    result.save_adapter(tmp_path / "out")
+    with pytest.raises(ExportError, match=r"out already exists; pass overwrite=True \(CLI: --overwrite\)"):
+        result.save_adapter(tmp_path / "out")
+
+
 def test_error_mid_merge_restores_the_weights(case):
     calls = {"n": 0}
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import iteris_lab
 from iteris_lab import AdapterError, ExportError, IterisError, load_adapter
-from iteris_lab import export
+from iteris_lab.io import destination as export  # the writers' staged swap and recover
 from tiny import TARGETS, build_tiny, make_lora, merge_case, outputs, token_batches
 
 

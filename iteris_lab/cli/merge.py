@@ -26,23 +26,31 @@ DEFAULTS = dict(method="iteris", schedule="sweep", max_iter=10, gram_dtype="floa
                 dtype="float32", base=None, adapters=None, calibration=None)
 
 
-def load_base(base: str, task_type: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) of a base model folder, .gguf file or hub id (see io/base_model.py), for scripts."""
-    from ..io.base_model import load_base as load, resolve_base
+CARD_FILES = ("README.md",)  # the model card cmd_merge writes beside the adapter and report
 
-    return load(resolve_base(base, []), task_type, dtype)
+
+def load_base(base, task_type: str | None = None, dtype: str = "float32", quiet: bool = True):
+    """(model, tokenizer) of a base model: a folder, .gguf file or hub id, or an io.base_model.BaseSpec."""
+    from ..io.base_model import BaseSpec, load_base as load, resolve_base
+
+    return load(base if isinstance(base, BaseSpec) else resolve_base(str(base), []), task_type, dtype, quiet=quiet)
+
+
+def _local_base(base) -> list[str]:
+    """[the base model's path] when it is a local file or folder (an input no output may touch), else []."""
+    return [base] if base is not None and Path(base).expanduser().exists() else []
 
 
 
 def _check_merge_args(args) -> None:
     """Everything that can be checked before loading anything slow."""
-    from ..io.export import check_destination
+    from ..io.destination import ADAPTER_FILES, REPORT_FILES, check_destination
     from ..merge import METHODS
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise IterisError(f"--out {args.out} is an existing file; give a folder name for the merged adapter.")
-    check_destination(out, args.overwrite)  # refuses the current folder, a non-adapter folder, ...
+    # the destination rule up front: --out is no input, is writable, not locked, replaceable with --overwrite;
+    # `produces` must list what cmd_merge writes (the adapter, and the report as an extra file)
+    inputs = [*args.adapter, *(args.calibration or []), *_local_base(args.base)]
+    check_destination(args.out, args.overwrite, inputs=inputs, produces=ADAPTER_FILES + REPORT_FILES + CARD_FILES)
     if len(args.adapter) < 2:
         raise IterisError(f"merging needs at least two --adapter folders, got {len(args.adapter)}.")
     if args.method in ("iteris", "regmean") and not args.calibration:
@@ -149,7 +157,7 @@ def _provenance(args, result, records, batches, rank, export_plan, timings) -> d
 
 def cmd_merge(args) -> dict:
     from ..adapters import load_adapter
-    from ..io.base_model import base_config, load_base as load_model, resolve_base
+    from ..io.base_model import base_config, resolve_base
     from ..io.export import lora_factors
     from ..merge import merge_loras
 
@@ -164,7 +172,7 @@ def cmd_merge(args) -> dict:
         config = base_config(spec)
         task_type = task_of(config) if config is not None else "CAUSAL_LM"  # a GGUF holds a causal LM
     start = time.perf_counter()
-    model, tokenizer = load_model(spec, task_type, args.dtype, quiet=args.quiet)
+    model, tokenizer = load_base(spec, task_type, args.dtype, quiet=args.quiet)
     loaded = time.perf_counter()
     batches = _tokenize(args, model, tokenizer, records)
     settings = {k: getattr(args, k) for k in notes.SETTINGS}
@@ -189,7 +197,8 @@ def _save(result, args, rank, files):
     from safetensors import SafetensorError
 
     try:
-        return result.save_adapter(args.out, rank=rank, overwrite=args.overwrite, extra_files=files)
+        return result.save_adapter(args.out, rank=rank, overwrite=args.overwrite, extra_files=files,
+                                   inputs=[*(args.calibration or []), *_local_base(args.base)])
     except (SafetensorError, OSError) as err:  # safetensors reports a full disk as its own error type
         raise IterisError(f"could not write the merged adapter to {args.out} ({err}); nothing was replaced. Free "
                           "some space or choose another --out.") from err

@@ -7,12 +7,8 @@ B = U_r S_r^½ and A = S_r^½ V_rᵀ, reporting the relative Frobenius error.
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +17,10 @@ from safetensors.torch import save_file
 
 from ..errors import ExportError
 from ..targets import LinearLayer
+from .destination import ADAPTER_FILES, REPORT_FILES, check_destination, recover, replace_folder, write_folder
+
+__all__ = ["ExportReport", "truncate", "lora_factors", "lora_tensors", "write_adapter", "check_finite",
+           "check_destination", "recover", "replace_folder"]  # the last three: io/destination.py
 
 
 @dataclass
@@ -75,30 +75,44 @@ def lora_tensors(factors: dict, layers: dict[str, LinearLayer], key, dtype: torc
     return tensors, ranks
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where) -> None:
+    """A merge is never written with NaN/Inf in it: ExportError naming the first bad tensor, before any write."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"{key.removeprefix('base_model.model.')}: the merged adapter contains NaN or Inf; "
+                              f"nothing was written to {where}. Check the adapters and the base weights for "
+                              "non-finite values (and alpha > 0 when calibration rows are few).")
+
+
+def check_extra_names(extra_files: dict | None) -> tuple[str, ...]:
+    """The names of extra files: plain file names that are not the adapter's own files."""
+    names = tuple(extra_files or ())
+    for name in names:
+        if not isinstance(name, str) or name in ADAPTER_FILES or name != Path(name).name or name in ("", ".", ".."):
+            raise ExportError(f"extra file name {name!r}: give a plain file name (no folder part) other than "
+                              f"{', '.join(ADAPTER_FILES)}.")
+    return names
+
+
 def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base_model: str | None = None,
                   overwrite: bool = False, task_type: str | None = None,
                   carried: dict[str, torch.Tensor] | None = None,
-                  extra_files: dict[str, str | bytes] | None = None) -> ExportReport:
-    """Write adapter_config.json + adapter_model.safetensors, replacing `directory` atomically.
+                  extra_files: dict[str, str | bytes] | None = None, inputs=()) -> ExportReport:
+    """Write adapter_config.json + adapter_model.safetensors into `directory` by the destination rule
+    (io/destination.py: never onto an input, replace only with overwrite and only the files this write produces,
+    locked, staged and swapped in atomically).
 
     extra_files: {file name: text or bytes} written into the same staging folder (a report, a model card), so they
-    land together with the adapter or not at all.
-
+    land together with the adapter or not at all. inputs: paths the output must not touch (the merge's adapters,
+    calibration files, the base model folder).
     carried: {"module.weight": tensor} of modules_to_save copied as they are (e.g. a head the adapters share);
     they are listed in modules_to_save. task_type goes into the config (None: PEFT's bare PeftModel).
-    Nothing that is not an adapter folder is ever replaced: see replace_folder.
     """
-    directory = Path(directory)
-    recover(directory)
-    check_destination(directory, overwrite)
+    extra_names = check_extra_names(extra_files)
     tensors, ranks = lora_tensors(factors, layers, lambda name: f"base_model.model.{name}")
     for key, tensor in (carried or {}).items():
         tensors[f"base_model.model.{key}"] = tensor.contiguous().cpu()
-    for key, tensor in tensors.items():  # a merge is never written with NaN/Inf in it
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ExportError(f"{key.removeprefix('base_model.model.')}: the merged adapter contains NaN or Inf; "
-                              f"nothing was written to {directory}. Check the adapters and the base weights for "
-                              "non-finite values (and alpha > 0 when calibration rows are few).")
+    check_finite(tensors, directory)
     top = max(ranks.values())
     pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
     config = {
@@ -117,74 +131,6 @@ def write_adapter(directory, factors: dict, layers: dict[str, LinearLayer], base
         for name, content in (extra_files or {}).items():
             (staging / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
-    replace_folder(directory, fill)
+    produces = ADAPTER_FILES + REPORT_FILES + extra_names
+    write_folder(directory, fill, overwrite=overwrite, inputs=inputs, produces=produces)
     return ExportReport(str(directory), ranks, {n: f[2] for n, f in factors.items()})
-
-
-# -- safe, atomic replacement of an output folder ------------------------------------------------------------
-# The new folder is written to a staging folder next to the target; then the old folder is renamed aside, the
-# staging folder renamed into place, and the old one deleted. A kill between any two steps leaves the old or the
-# new complete adapter: at the target, or (between the two renames, a few microseconds) in the "old" folder,
-# which the next write to the same target renames back (recover). Stale staging folders of killed runs are
-# deleted by the next write to the same target.
-
-STAGING, ASIDE = ".iteris-staging-", ".iteris-old-"
-
-
-def check_destination(directory: Path, overwrite: bool) -> None:
-    """Refuse to replace anything that is not an adapter folder we may replace (before any slow work)."""
-    resolved = directory.resolve()
-    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
-        raise ExportError(f"{directory} exists and is not a folder; choose a new folder name for the adapter.")
-    here = Path.cwd().resolve()
-    if resolved == here or resolved in here.parents or resolved == Path.home().resolve() or resolved.parent == resolved:
-        raise ExportError(f"{directory} is the current directory, one of its parents, the home folder or the root; "
-                          "write the adapter to a new subfolder (e.g. --out merged_adapter).")
-    if not directory.exists():
-        return
-    if not overwrite:
-        raise ExportError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    if any(directory.iterdir()) and not (directory / "adapter_config.json").is_file():
-        raise ExportError(f"{directory} is not an adapter folder (no adapter_config.json), so it is not replaced "
-                          "even with overwrite: its files would be lost. Choose another folder, or move its files "
-                          "away first.")
-
-
-def replace_folder(directory: Path, fill) -> None:
-    """Call fill(staging) to write the new folder, then swap it in for `directory` (see the comment above)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{STAGING}", dir=directory.parent))
-    aside = None
-    try:
-        fill(staging)
-        if directory.exists():
-            aside = directory.parent / f".{directory.name}{ASIDE}{staging.name.rsplit('-', 1)[-1]}"
-            _rename(directory, aside)
-        try:
-            _rename(staging, directory)
-        except BaseException:
-            if aside is not None:
-                _rename(aside, directory)
-                aside = None
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def recover(directory: Path) -> None:
-    """Undo what a killed replace_folder left next to `directory`: restore the old folder if the new one never
-    arrived, delete leftover staging folders and old copies."""
-    parent = directory.parent
-    if not parent.is_dir():
-        return
-    asides = sorted(parent.glob(f".{glob.escape(directory.name)}{ASIDE}*"), key=lambda p: p.stat().st_mtime)
-    if asides and not directory.exists():
-        _rename(asides.pop(), directory)
-    for leftover in asides + list(parent.glob(f".{glob.escape(directory.name)}{STAGING}*")):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _rename(source: Path, destination: Path) -> None:
-    os.rename(source, destination)

@@ -3,17 +3,17 @@ pipe.load_lora_weights accepts. Keys and scales: see the package docstring."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import LoraAdapter, check_config, lora_layers, scale_of
 from ..errors import AdapterError, ExportError
-from ..io.export import ExportReport, lora_factors, lora_tensors
+from ..io.destination import check_destination, write_file
+from ..io.export import ExportReport, check_finite, lora_factors, lora_tensors
 from .files import WHICH, WEIGHT_NAMES, check_keys, fit_to_model, is_kohya, lora_file, read_state, refuse_others
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -119,7 +119,7 @@ def read_diffusers_lora(path_or_file, unet: nn.Module | None = None, component: 
 
 
 def write_diffusers_lora(result, path, prefix: str | None = "unet", rank: int | None = None,
-                         dtype: torch.dtype = torch.float32) -> ExportReport:
+                         dtype: torch.dtype = torch.float32, overwrite: bool = False, inputs=()) -> ExportReport:
     """Write a merge (MergeResult) as a diffusers LoRA file that pipe.load_lora_weights accepts.
 
     path: a ".safetensors" file, or a folder (then <folder>/pytorch_lora_weights.safetensors).
@@ -128,6 +128,10 @@ def write_diffusers_lora(result, path, prefix: str | None = "unet", rank: int | 
     and lora_alpha = r per module (alpha_pattern = rank_pattern where ranks differ), so diffusers applies
     ΔW = B·A. Conv2d: A (r, in, kh, kw), B (out, r, 1, 1). prefix: "unet" for pipelines, None for
     unet.load_lora_adapter(..., prefix=None). The LoraConfig goes in the header (diffusers' metadata key).
+
+    The destination rule of io/destination.py: never an input (the LoRA files the merge read, and `inputs`: e.g.
+    the base model's folder), an existing file only with overwrite=True and only when it is a LoRA file (a base
+    model's weights are never replaced); NaN/Inf is refused before anything is written.
     """
     bad = [n for n, layer in result.layers.items() if layer.fan_in_fan_out]
     if bad:
@@ -135,11 +139,33 @@ def write_diffusers_lora(result, path, prefix: str | None = "unet", rank: int | 
                           f"{result.layers[bad[0]].label}.")
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / WEIGHT_NAMES[0]
+    inputs = [*(result.settings.get("adapters") or []), *inputs]
+    check_destination(file, overwrite, inputs=inputs, kind="file", replaceable=_not_a_lora)  # before the SVDs
     factors = lora_factors(result.deltas, result.factors, result.layers, rank)
     key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
     tensors, ranks = lora_tensors(factors, result.layers, key, dtype)
-    _save_atomic(tensors, {"format": "pt", METADATA_KEY: json.dumps(_config_dict(ranks, key), sort_keys=True)}, file)
+    check_finite(tensors, file)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(_config_dict(ranks, key), sort_keys=True)}
+    write_file(file, lambda staging: save_file(tensors, str(staging), metadata=metadata), overwrite=overwrite,
+               inputs=inputs, replaceable=_not_a_lora)
     return ExportReport(str(file), ranks, {n: f[2] for n, f in factors.items()})
+
+
+def _not_a_lora(file: Path) -> str | None:
+    """Why an existing file may not be replaced by a LoRA file (None: it is one, written by us or diffusers)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as err:  # safetensors raises several types for files that are not safetensors
+        return f"is not a safetensors LoRA file ({type(err).__name__})"
+    if is_kohya(keys):
+        return None
+    other = next((k for k in keys if _diffusers_key(_component_of(k)[1]) is None), None)
+    if other is not None or not keys:
+        return f"holds the tensor {other}, which is not a LoRA factor" if other else "holds no tensors"
+    return None
 
 
 def _config_dict(ranks: dict[str, int], key) -> dict:
@@ -150,17 +176,3 @@ def _config_dict(ranks: dict[str, int], key) -> dict:
               "target_modules": sorted(ranks), "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
               "use_dora": False, "lora_bias": False}
     return {key(k): v for k, v in config.items()}
-
-
-def _save_atomic(tensors: dict, metadata: dict, file: Path) -> None:
-    from safetensors.torch import save_file
-
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, file)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise

@@ -370,7 +370,8 @@ class SdTrack(harness.Track):
         return {"label": label, "method": method, **metrics}
 
     def after_merge(self, label: str, result) -> dict:
-        export = write_diffusers_lora(result, self.out / "merged" / label, rank=self.config.export_rank)
+        export = write_diffusers_lora(result, self.out / "merged" / label, rank=self.config.export_rank,
+                                      overwrite=True)  # the track rewrites its own merges
         return {"lora_file": str(Path(export.path).relative_to(self.out)), "export_rank": max(export.ranks.values()),
                 "export_max_relative_error": export.max_relative_error}
 
