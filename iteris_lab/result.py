@@ -132,18 +132,78 @@ class MergeResult:
                              self.task_type, carried, extra_files,
                              inputs=[*(self.settings.get("adapters") or []), *inputs])
 
+    # -- reading the result: a short repr, a summary, the history as a table ------------------------------------
+
+    REPORT_FORMAT = 2  # 2: per-iteration λ under "lambdas" (format 1, without format_version, called them "weights")
+
+    @property
+    def task_names(self) -> list[str]:
+        """One name per task: the adapter folder's name (task 1, 2, ... when the adapters came without a path)."""
+        paths = self.settings.get("adapters") or []
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] or f"task {i + 1}" for i, p in enumerate(paths)]
+        return names or [f"task {i + 1}" for i in range(len(self.settings.get("weights") or []))]
+
+    def summary(self, worst: int = 3) -> dict:
+        """Per task the mean over layers of the last solve's objective ‖X_iΔW_iᵀ − X̃_iWᵀ‖²/‖X_iΔW_iᵀ‖² and of
+        λ_i (min and max too); the `worst` layers by mean objective over tasks. Empty tasks for data-free methods."""
+        if not self.history:
+            return {"tasks": {}, "worst_layers": []}
+        last = self.history[-1]
+        tasks = {}
+        for i, name in enumerate(self.task_names):
+            objective = [v[i] for v in last.objective.values()]
+            lambdas = [v[i] for v in last.lambdas.values()]
+            tasks[name] = {"objective": sum(objective) / len(objective), "lambda": sum(lambdas) / len(lambdas),
+                           "lambda_min": min(lambdas), "lambda_max": max(lambdas)}
+        by_layer = sorted(last.objective.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))
+        return {"tasks": tasks, "worst_layers": [{"layer": layer, "objective": sum(v) / len(v)}
+                                                 for layer, v in by_layer[:worst]]}
+
     def report(self) -> dict:
-        """A JSON-ready summary: settings, timings, and per iteration the mean objective, λ and change."""
+        """A JSON-ready report: a short summary first (per task objective and λ, the worst layers), then the
+        settings, timings and, per solve, the mean objective, the largest change and per layer λ and objective."""
         return {
+            "format_version": self.REPORT_FORMAT,
             "method": self.method,
+            "summary": self.summary(),
             "settings": self.settings,
             "seconds": self.seconds,
             "layers": len(self.deltas),
             "iterations": [{
                 "iteration": r.iteration, "seconds": r.seconds, "mean_objective": r.mean_objective(),
-                "max_change": max(r.change.values(), default=None), "weights": r.lambdas, "objective": r.objective,
+                "max_change": max(r.change.values(), default=None), "lambdas": r.lambdas, "objective": r.objective,
             } for r in self.history],
         }
+
+    def history_table(self):
+        """The history as one row per (iteration, layer, task): iteration, layer, task, lambda, objective,
+        merged_objective (None at the first solve), drift, change. A pandas DataFrame when pandas is installed,
+        else a list of dicts."""
+        rows = []
+        for record in self.history:
+            for layer, objective in record.objective.items():
+                merged = (record.merged_objective or {}).get(layer)
+                for i, task in enumerate(self.task_names):
+                    rows.append({"iteration": record.iteration, "layer": layer, "task": task,
+                                 "lambda": record.lambdas[layer][i], "objective": objective[i],
+                                 "merged_objective": merged[i] if merged else None,
+                                 "drift": record.drift[layer][i] if layer in record.drift else None,
+                                 "change": record.change.get(layer)})
+        try:
+            import pandas
+        except ImportError:
+            return rows
+        return pandas.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        tasks = self.summary()["tasks"]
+        lines = [f"MergeResult(method={self.method!r}, {len(self.deltas)} layers, {len(self.task_names)} tasks, "
+                 f"{len(self.history)} solves, {self.seconds:.1f} s, base={self.base_model!r})"]
+        if tasks:
+            lines.append("  per task (mean over layers): " + "; ".join(
+                f"{name} objective {t['objective']:.3g}, λ {t['lambda']:.3g}" for name, t in tasks.items()))
+        lines.append("  .deltas {layer: ΔW}, .summary(), .history_table(), .apply_to(model), .save_adapter(folder)")
+        return "\n".join(lines)
 
 
 def _shared_weights(model: nn.Module, written: list[tuple[str, nn.Module, str]]) -> dict[str, list[str]]:

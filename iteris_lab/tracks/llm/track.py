@@ -13,7 +13,7 @@ import torch
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
 from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, markdown_table,
-                       run_methods, score_row, split_outcomes, to_json)
+                       reference_rows, references, run_methods, score_row, split_outcomes, to_json)
 
 
 @dataclass
@@ -112,8 +112,15 @@ def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm
     """The README's main job: every method on the embedded default track, printed and written as JSON."""
     start = time.perf_counter()
     profile = current_profile()
+    say = (lambda line: None) if quiet else (lambda line: print(f"iteris-lab demo: {line}", flush=True))
+    say(f"profile {profile.name} (ITERIS_PROFILE); loading the {model} model and its task LoRAs ...")
     track = _on_gpu(load_track(model))
-    rows = run_methods(track, profile, progress=not quiet)
+    # the references (base model and each LoRA on the test split) take a while before the merge bar appears
+    say(f"scoring the base model and each of the {len(track.adapters)} LoRAs on the test split "
+        f"({profile.test_limit or 'all'} examples per task) ...")
+    refs = references(track, profile.test_limit)
+    say(f"references done at {time.perf_counter() - start:.0f} s; merging with every method ...")
+    rows = reference_rows(track, refs) + run_methods(track, profile, progress=not quiet, refs=refs, log=say)
     out = report(track, profile, rows, time.perf_counter() - start)
     Path(json_path).write_text(json.dumps(out, indent=2))
     print(f"\niteris-lab demo: {track.name}, profile {profile.name}, "
