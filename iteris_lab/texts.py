@@ -11,7 +11,6 @@ import warnings
 from .errors import CalibrationError
 
 _FIELDS = {"text", "target"}
-_POSITION_KEYS = ("max_position_embeddings", "n_positions")  # the learned positions of Llama/BERT, GPT-2
 DEFAULT_MAX_LENGTH = 128
 
 
@@ -37,10 +36,6 @@ def text_records(calibration, tokenizer) -> list[list[dict]] | None:
     if tokenizer is None:
         raise CalibrationError("the calibration is texts, so merge_loras needs the base model's tokenizer: pass "
                                "tokenizer=AutoTokenizer.from_pretrained(...) (or tokenized batches instead).")
-    if tokenizer.pad_token is None and getattr(tokenizer, "eos_token", None) is None:
-        raise CalibrationError("the tokenizer has neither a pad token nor an eos token to pad batches with; set "
-                               "tokenizer.pad_token (e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and "
-                               "resize the model's embeddings) before merging.")
     return [[_record(item, task, k) for k, item in enumerate(texts)] for task, texts in enumerate(calibration)]
 
 
@@ -73,31 +68,19 @@ def _record(item, task: int, index: int) -> dict:
 
 
 def tokenize_texts(model, tokenizer, texts: list[list[dict]], settings) -> list[list[dict]]:
-    """Per task, padded batches of its texts (iteris_lab.io.calibration.tokenize) with the settings' max_length
-    (clamped to the model's learned positions, with a warning when the user chose it), batch_size and
-    chat_template. The tokenizer's pad token, which tokenize sets to eos when it is missing, is restored
-    afterwards: the tokenizer is the user's."""
+    """Per task, padded batches of its texts (iteris_lab.io.calibration.tokenize, which leaves the user's tokenizer
+    as it was) with the settings' max_length (clamped to the model's learned positions, with a warning when the
+    user chose it), batch_size and chat_template."""
+    from .io.base_model import position_limit
     from .io.calibration import tokenize
 
-    config = getattr(model, "config", None)
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     max_length = settings.max_length or DEFAULT_MAX_LENGTH
-    positions = next((getattr(config, k) for k in _POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
+    positions = position_limit(model)
     if positions is not None and max_length > positions and settings.max_length is not None:
         warnings.warn(f"max_length {max_length} exceeds the model's {positions} learned positions; the calibration "
                       f"texts are truncated to {positions} tokens.", stacklevel=3)
     if positions is not None:
         max_length = min(max_length, positions)
-    options = {"chat_template": True} if settings.chat_template else {}  # only when asked: an optional feature
-    pad = tokenizer.pad_token
-    try:
-        return [tokenize(tokenizer, records, settings.batch_size, max_length, encoder_decoder, **options)
-                for records in texts]
-    except TypeError as err:
-        if options and "chat_template" in str(err):
-            raise CalibrationError("chat_template=True needs iteris_lab.io.calibration.tokenize with a "
-                                   "chat_template option, which this installation lacks.") from err
-        raise
-    finally:
-        if pad is None and tokenizer.pad_token is not None:
-            tokenizer.pad_token = None
+    return [tokenize(tokenizer, records, settings.batch_size, max_length, encoder_decoder, settings.chat_template)
+            for records in texts]
