@@ -236,10 +236,10 @@ def _distance(a: dict, b: dict) -> float:
 
 
 def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
-    import torch
-
-    merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean"),
-              f"jacobi_{jacobi_iters}": dict(max_iter=jacobi_iters)}
+    """The sweep, RegMean and (jacobi_iters > 0) Jacobi on SmolLM2, each merge in its own process."""
+    merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean")}
+    if jacobi_iters:
+        merges[f"jacobi_{jacobi_iters}"] = dict(max_iter=jacobi_iters)
     rows = {}
     for label, kwargs in merges.items():
         path = str(workdir / f"smollm2_{{label}}.pt")
@@ -247,20 +247,26 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
         if label.startswith("jacobi"):
             spec["reference"] = str(workdir / "smollm2_sweep.pt")
         rows[label] = _run(spec)
+    return smollm2_table(rows, samples, workdir)
+
+
+def smollm2_table(rows: dict, samples: int, workdir: Path) -> dict:
+    """The section's table from measure()'s output per label (deltas saved in workdir as smollm2_<label>.pt)."""
+    import torch
+
     reference = torch.load(workdir / "smollm2_sweep.pt")
-    forward = rows["sweep"]["forward_seconds"]
     table = []
     regmean_seconds = rows["regmean"]["merges"]["regmean"]["seconds"]
     regmean_memory = rows["regmean"]["merges"]["regmean"]["peak_memory_mb"]
-    passes = {"regmean": 1, "sweep": 2, f"jacobi_{jacobi_iters}": 2 * jacobi_iters - 1}
     for label, row in rows.items():
         merge = row["merges"][label]
+        passes = {"regmean": 1, "sweep": 2}.get(label) or 2 * int(label.split("_")[1]) - 1
         deltas = torch.load(workdir / f"smollm2_{label}.pt")
         seconds = merge["seconds"]
         table.append({
             "label": label, "seconds": seconds, "peak_memory_mb": merge["peak_memory_mb"],
-            "forward_passes": passes[label], "plain_forward_seconds": row["forward_seconds"],
-            "time_over_its_forward_passes": seconds / (passes[label] * row["forward_seconds"]),
+            "forward_passes": passes, "plain_forward_seconds": row["forward_seconds"],
+            "time_over_its_forward_passes": seconds / (passes * row["forward_seconds"]),
             "time_over_regmean": seconds / regmean_seconds, "memory_over_regmean": merge["peak_memory_mb"] / regmean_memory,
             "distance_to_fixed_point": _distance(deltas, reference) if label != "sweep" else 0.0,
             "statistics_seconds": merge["statistics_seconds"], "solve_seconds": merge["solve_seconds"],
@@ -268,7 +274,7 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
             "distance_per_solve": merge["distance_per_solve"],
         })
     return {"tokens": rows["sweep"]["tokens"], "samples_per_task": samples, "tasks": 3,
-            "plain_forward_seconds": forward, "rows": table}
+            "plain_forward_seconds": rows["sweep"]["forward_seconds"], "rows": table}
 
 
 SCALING = {
@@ -349,7 +355,7 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
-    parser.add_argument("--jacobi-iters", type=int, default=10, help="Jacobi solves to compare (default 10)")
+    parser.add_argument("--jacobi-iters", type=int, default=10, help="Jacobi solves to compare (default 10; 0: no Jacobi row)")
     parser.add_argument("--samples", type=int, default=50, help="SmolLM2 calibration samples per task")
     parser.add_argument("--axes", default=",".join((*SCALING, "allocator")),
                         help="scaling axes to measure, comma-separated (default: all)")

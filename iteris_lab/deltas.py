@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .adapters import LoraLayer
-from .targets import Target, TargetHooks, layer_input
+from .hooks import TargetHooks, layer_input
+from .targets import Target
 
 
 class DeltaHooks(TargetHooks):

@@ -25,7 +25,8 @@ from torch import nn
 from .errors import CalibrationError
 from .rows import batch_masks, mask_keys
 from .statistics import InputSharing, real_rows
-from .targets import Target, TargetHooks, layer_input
+from .hooks import TargetHooks, layer_input
+from .targets import Target
 
 Forward = Callable[[nn.Module, object], object]
 _AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d))
