@@ -19,7 +19,7 @@ def relative_distance(a: dict, b: dict) -> float:
 
 def test_statistics_under_autocast_are_float32_sums_of_the_rows_the_model_produced(tmp_path):
     case = merge_case("llama", tmp_path, n_tasks=2)
-    model, name = case.model, "model.layers.1.self_attn.q_proj"
+    model, name = case.model, "model.layers.1.self_attn.o_proj"  # reads the attention's bf16 output
     module = model.get_submodule(name)
     seen = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
@@ -42,9 +42,10 @@ def test_statistics_under_autocast_are_float32_sums_of_the_rows_the_model_produc
 def test_autocast_changes_a_merge_only_by_the_models_own_bf16_rounding(tmp_path, method):
     case = merge_case("llama", tmp_path, n_tasks=2, targets=ALL_LLAMA)
     plain = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, progress=False, **method)
-    with torch.autocast(**BF16):
+    with torch.autocast(**BF16):  # old code: bf16 statistics, a SolveError at alpha=1e-4 for IterIS
         mixed = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, progress=False, **method)
-    assert relative_distance(mixed.deltas, plain.deltas) < 0.02
+    # what remains is the bf16 rounding of the activations themselves; the statistics add none
+    assert relative_distance(mixed.deltas, plain.deltas) < 0.1
 
 
 @pytest.mark.parametrize("mode", ["autocast", "inference_mode"])
