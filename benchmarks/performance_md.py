@@ -54,7 +54,9 @@ def _env(env: dict) -> str:
 
 
 def _section_env(section: dict) -> list[str]:
-    return [_env(section["environment"]), ""] if "environment" in section else []
+    """When and where the section was measured, and its note (e.g. what changed since) when it has one."""
+    lines = [_env(section["environment"]), ""] if "environment" in section else []
+    return lines + ([f"**Note:** {section['note']}", ""] if section.get("note") else [])
 
 
 def smollm2(section: dict) -> list[str]:
