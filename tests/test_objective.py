@@ -129,10 +129,11 @@ def test_alpha_zero_with_too_few_rows_names_the_layer():
 
 
 def test_alpha_zero_with_collinear_features_states_their_rank_and_suggests_alpha():
-    loras, xs, _ = random_case(seed=8)
-    flat = [x[:, :2] @ torch.randn(2, IN, dtype=torch.float64) for x in xs]  # many rows, but rank 2
-    with pytest.raises(SolveError, match=r"layer: .* numerical rank 2 of 6: .* alpha > 0"):
-        solve(problem_from(loras, flat, flat, (1.0, 1.0, 1.0)), 0.0)
+    loras, _, _ = random_case(seed=8)
+    ones = torch.ones(IN, IN, dtype=torch.float64)  # every row (1, ..., 1)·c: many rows, rank 1, no dead input
+    problem = LayerProblem("layer", loras, [ones] * 3, [ones] * 3, [1.0, 1.0, 1.0], rows=100)
+    with pytest.raises(SolveError, match=r"layer: .* numerical rank 1 of 6: .* alpha > 0"):
+        solve(problem, 0.0)
 
 
 def test_indefinite_statistics_with_alpha_point_to_their_precision_not_to_alpha():
