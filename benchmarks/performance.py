@@ -50,10 +50,11 @@ class _Timers:
     """Seconds spent summing the sweep's statistics and in the solves, by wrapping the two functions."""
 
     def __init__(self):
-        from iteris_lab import merge, sweep
+        from iteris_lab import merge
+        from iteris_lab.statistics import Statistics
 
         self.seconds = {"statistics": 0.0, "solves": 0.0}
-        self._patches = [(sweep, "_add", "statistics"), (merge, "_solve_layer", "solves")]
+        self._patches = [(Statistics, "add", "statistics"), (merge, "_solve_layer", "solves")]
 
     def __enter__(self):
         self._originals = []
@@ -123,10 +124,41 @@ def _random_problem(hidden: int, tasks: int, samples: int, rank: int, tokens: in
     return model, adapters, calibration
 
 
+def _live_bytes_per_token(model, batch, names) -> float:
+    """Bytes one forward pass keeps alive at its worst stop (the input of an adapted module), per real token: every
+    tensor the garbage collector can see at that moment that is not a parameter or buffer, on one batch. A paused
+    pass of the sweep holds exactly this, so tokens × this × 2 roles is the floor of an exact sweep's memory."""
+    import gc
+
+    import torch
+
+    fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    worst = 0
+
+    def hook(module, args):
+        nonlocal worst
+        live = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in fixed:
+                    live[storage.data_ptr()] = storage.nbytes()
+        worst = max(worst, sum(live.values()))
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name in names]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return worst / int(batch["attention_mask"].sum())
+
+
 def _plain_forward_seconds(model, calibration) -> float:
     import torch
 
-    from iteris_lab.features import input_device, to_device
+    from iteris_lab.passes import input_device, to_device
 
     device = input_device(model)
     _sync()
@@ -162,6 +194,9 @@ def measure(spec: dict) -> dict:
         model, adapters, calibration = _random_problem(**spec["problem_args"])
     tokens = sum(int(b["attention_mask"].sum()) for batches in calibration for b in batches)
     out = {"spec": spec, "tokens": tokens, "forward_seconds": _plain_forward_seconds(model, calibration), "merges": {}}
+    if spec.get("floor"):  # measured on a copy of the first batch, before any merge
+        names = sorted(set().union(*(a.layers for a in adapters)))
+        out["live_bytes_per_token"] = _live_bytes_per_token(model, calibration[0][0], names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = torch.load(spec["reference"]) if spec.get("reference") else None
     for label, kwargs in spec["merges"].items():
@@ -201,10 +236,10 @@ def _distance(a: dict, b: dict) -> float:
 
 
 def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
-    import torch
-
-    merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean"),
-              f"jacobi_{jacobi_iters}": dict(max_iter=jacobi_iters)}
+    """The sweep, RegMean and (jacobi_iters > 0) Jacobi on SmolLM2, each merge in its own process."""
+    merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean")}
+    if jacobi_iters:
+        merges[f"jacobi_{jacobi_iters}"] = dict(max_iter=jacobi_iters)
     rows = {}
     for label, kwargs in merges.items():
         path = str(workdir / f"smollm2_{{label}}.pt")
@@ -212,20 +247,26 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
         if label.startswith("jacobi"):
             spec["reference"] = str(workdir / "smollm2_sweep.pt")
         rows[label] = _run(spec)
+    return smollm2_table(rows, samples, workdir)
+
+
+def smollm2_table(rows: dict, samples: int, workdir: Path) -> dict:
+    """The section's table from measure()'s output per label (deltas saved in workdir as smollm2_<label>.pt)."""
+    import torch
+
     reference = torch.load(workdir / "smollm2_sweep.pt")
-    forward = rows["sweep"]["forward_seconds"]
     table = []
     regmean_seconds = rows["regmean"]["merges"]["regmean"]["seconds"]
     regmean_memory = rows["regmean"]["merges"]["regmean"]["peak_memory_mb"]
-    passes = {"regmean": 1, "sweep": 2, f"jacobi_{jacobi_iters}": 2 * jacobi_iters - 1}
     for label, row in rows.items():
         merge = row["merges"][label]
+        passes = {"regmean": 1, "sweep": 2}.get(label) or 2 * int(label.split("_")[1]) - 1
         deltas = torch.load(workdir / f"smollm2_{label}.pt")
         seconds = merge["seconds"]
         table.append({
             "label": label, "seconds": seconds, "peak_memory_mb": merge["peak_memory_mb"],
-            "forward_passes": passes[label], "plain_forward_seconds": row["forward_seconds"],
-            "time_over_its_forward_passes": seconds / (passes[label] * row["forward_seconds"]),
+            "forward_passes": passes, "plain_forward_seconds": row["forward_seconds"],
+            "time_over_its_forward_passes": seconds / (passes * row["forward_seconds"]),
             "time_over_regmean": seconds / regmean_seconds, "memory_over_regmean": merge["peak_memory_mb"] / regmean_memory,
             "distance_to_fixed_point": _distance(deltas, reference) if label != "sweep" else 0.0,
             "statistics_seconds": merge["statistics_seconds"], "solve_seconds": merge["solve_seconds"],
@@ -233,7 +274,7 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
             "distance_per_solve": merge["distance_per_solve"],
         })
     return {"tokens": rows["sweep"]["tokens"], "samples_per_task": samples, "tasks": 3,
-            "plain_forward_seconds": forward, "rows": table}
+            "plain_forward_seconds": rows["sweep"]["forward_seconds"], "rows": table}
 
 
 SCALING = {
@@ -249,21 +290,28 @@ ALLOCATOR = {"default": {}, "MKL_DISABLE_FAST_MM=1": {"MKL_DISABLE_FAST_MM": "1"
              "+ MALLOC_MMAP_THRESHOLD_=1048576": {"MKL_DISABLE_FAST_MM": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}}
 
 
-def scaling_section() -> dict:
+def scaling_section(axes=tuple(SCALING) + ("allocator",)) -> dict:
     out = {}
-    for axis, points in SCALING.items():
+    for axis in (a for a in SCALING if a in axes):
         out[axis] = []
-        for point in points:
+        for point in SCALING[axis]:
             args = {**SCALING_BASE, **point}
-            row = {"value": point[axis if axis != "samples" else "samples"] if axis != "hidden" else point["hidden"]}
+            row = {"value": point[axis]}
             for label, kwargs in (("regmean", dict(method="regmean")), ("sweep", dict(schedule="sweep"))):
-                measured = _run({"problem": "random", "problem_args": args, "merges": {label: kwargs}, "threads": 1})
+                measured = _run({"problem": "random", "problem_args": args, "merges": {label: kwargs}, "threads": 1,
+                                 "floor": label == "sweep"})
                 merge = measured["merges"][label]
                 row[label] = {"seconds": merge["seconds"], "peak_memory_mb": merge["peak_memory_mb"],
                               "forward_seconds": measured["forward_seconds"], "tokens": measured["tokens"]}
+                if label == "sweep":  # every token's live activations at the worst stop, in both roles
+                    row["floor_mb"] = 2 * measured["tokens"] * measured["live_bytes_per_token"] / 2**20
+                    row["live_bytes_per_token"] = measured["live_bytes_per_token"]
             row["time_ratio"] = row["sweep"]["seconds"] / row["regmean"]["seconds"]
             row["memory_ratio"] = row["sweep"]["peak_memory_mb"] / max(row["regmean"]["peak_memory_mb"], 1e-9)
+            row["memory_over_floor"] = row["sweep"]["peak_memory_mb"] / row["floor_mb"]
             out[axis].append(row)
+    if "allocator" not in axes:
+        return out
     out["allocator"] = []
     for name, env in ALLOCATOR.items():
         row = {"value": name}
@@ -307,8 +355,10 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
-    parser.add_argument("--jacobi-iters", type=int, default=10, help="Jacobi solves to compare (default 10)")
+    parser.add_argument("--jacobi-iters", type=int, default=10, help="Jacobi solves to compare (default 10; 0: no Jacobi row)")
     parser.add_argument("--samples", type=int, default=50, help="SmolLM2 calibration samples per task")
+    parser.add_argument("--axes", default=",".join((*SCALING, "allocator")),
+                        help="scaling axes to measure, comma-separated (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "performance.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -330,7 +380,7 @@ def main(argv=None) -> int:
             if section == "smollm2":
                 out[section] = smollm2_section(args.jacobi_iters, args.samples, Path(work))
             elif section == "scaling":
-                out[section] = scaling_section()
+                out[section] = scaling_section(tuple(a.strip() for a in args.axes.split(",")))
             else:
                 out[section] = gpu7b_section(args.jacobi_iters)
             out[section]["section_seconds"] = time.perf_counter() - tick

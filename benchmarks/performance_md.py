@@ -25,22 +25,21 @@ the solve is the fixed point, and the merge costs two forward passes per batch. 
 one.
 
 What each holds in memory:
-- RegMean and Jacobi: the statistics of every adapted layer for every task (Jacobi twice: `XᵀX̃` and `X̃ᵀX̃`),
-  `in × in` floats each, plus one batch's activations.
+- RegMean and Jacobi: the statistics of every adapted layer for every task (Jacobi three: `S = XᵀX`, `P = XᵀX̃`,
+  `Q = X̃ᵀX̃`), `in × in` floats each, plus the activations of one batch (Jacobi: one batch in both roles, side by
+  side).
 - the sweep: the statistics of one layer at a time, plus the live activations of every calibration batch at the
   current depth, twice (task pass and merged pass) — the same trade GPTQ-style layer-wise calibrators make when
-  they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. On CPU
-  each pass is a thread, and the per-thread buffers of MKL's GEMM and the blocks glibc keeps after they are freed
-  add to the resident size; the *allocator* rows of the scaling table measure how much, by setting
-  `MKL_DISABLE_FAST_MM=1` and `MALLOC_MMAP_THRESHOLD_=1048576` in the environment of the process (both are read at
-  start-up; they trade a little speed for memory).
+  they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. The
+  passes are greenlets ([iteris_lab/passes.py](../iteris_lab/passes.py)): coroutines in the caller's thread, so a
+  paused pass holds its activations and nothing per thread. The *floor* column of the scaling table is what an exact
+  sweep must hold: the bytes one pass keeps alive at its worst stop (every tensor the garbage collector sees there
+  that is not a parameter, measured per token on one batch) × the calibration tokens × 2 roles.
 
-Targets set for the sweep (issue 11): at most 2.5× RegMean's merge time and 1.25× the plain forward passes it makes
-(the tables below say where it stands), and peak memory at most 1.5× RegMean's and flat in the number of samples —
-which the sweep does not meet: an exact one-pass schedule must hold every calibration batch's state at the current
-depth until the layer is solved, so its memory grows with the calibration tokens, while RegMean's grows with depth.
-Where memory binds, use fewer calibration samples (the paper's 20–60 per task are enough, see results.md) or
-`schedule="jacobi"`, whose memory does not grow with samples.
+Targets (issue 21): the sweep's time at most 2.2× RegMean's; its peak memory at most 1.5× RegMean's on SmolLM2
+(3 tasks × 50 samples), and at 500 samples per task on the scaling table's random 2-block Llama at most its floor
+plus 20 %. Where memory binds, use fewer calibration samples (the paper's 20–60 per task are enough, see
+results.md) or `schedule="jacobi"`, whose memory does not grow with samples.
 
 Every number below is measured by [benchmarks/performance.py](../benchmarks/performance.py), each merge in its own
 process (peak memory = the growth of the resident set during the merge, sampled every 20 ms, or CUDA's allocator
@@ -55,7 +54,9 @@ def _env(env: dict) -> str:
 
 
 def _section_env(section: dict) -> list[str]:
-    return [_env(section["environment"]), ""] if "environment" in section else []
+    """When and where the section was measured, and its note (e.g. what changed since) when it has one."""
+    lines = [_env(section["environment"]), ""] if "environment" in section else []
+    return lines + ([f"**Note:** {section['note']}", ""] if section.get("note") else [])
 
 
 def smollm2(section: dict) -> list[str]:
@@ -81,7 +82,7 @@ def smollm2(section: dict) -> list[str]:
     lines += [
               "Where the sweep's time goes:", "", "| part | seconds | share |", "|---|---|---|"]
     sweep = by["sweep"]
-    parts = [("forward passes, hooks and turn-taking", sweep["forward_and_hooks_seconds"]),
+    parts = [("forward passes, hooks and switching passes", sweep["forward_and_hooks_seconds"]),
              ("summing the statistics (S, P, Q)", sweep["statistics_seconds"]),
              ("solves, λ and objective records", sweep["solve_seconds"])]
     lines += [f"| {name} | {seconds:.1f} | {seconds / sweep['seconds']:.0%} |" for name, seconds in parts]
@@ -94,13 +95,23 @@ def scaling(section: dict) -> list[str]:
     lines = ["## Scaling (random-init Llama, 2 blocks, LoRAs on q, v; base point: hidden 576, 3 tasks, "
              "50 samples × 48 tokens, r = 8)", "",
              *_section_env(section),
-             "| axis | value | RegMean s | sweep s | time ÷ RegMean | RegMean MB | sweep MB | memory ÷ RegMean |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| axis | value | RegMean s | sweep s | time ÷ RegMean | RegMean MB | sweep MB | memory ÷ RegMean | "
+             "sweep floor MB | sweep ÷ floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for axis in names:
         for p in section.get(axis, []):
+            floor = (f"{p['floor_mb']:.0f} | {p['memory_over_floor']:.2f}" if "floor_mb" in p else "– | –")
             lines.append(f"| {names[axis]} | {p['value']} | {p['regmean']['seconds']:.2f} | {p['sweep']['seconds']:.2f} | "
                          f"{p['time_ratio']:.2f} | {p['regmean']['peak_memory_mb']:.0f} | "
-                         f"{p['sweep']['peak_memory_mb']:.0f} | {p['memory_ratio']:.2f} |")
+                         f"{p['sweep']['peak_memory_mb']:.0f} | {p['memory_ratio']:.2f} | {floor} |")
+    per_token = [p["live_bytes_per_token"] for axis in names for p in section.get(axis, []) if "live_bytes_per_token" in p]
+    if per_token:
+        lines += ["", f"The floor: one pass keeps {per_token[0]:.0f} bytes per token alive at its worst stop at the base "
+                  "point (v_proj of block 1: the embedding output, the block's residual input, its normed input, "
+                  "q_proj's and k_proj's outputs), in float32; times the tokens and 2 roles."]
+    missing = [names[a] for a in ("samples", "tasks", "rank", "hidden", "allocator") if a not in section]
+    if missing:
+        lines += ["", f"Not re-measured in this run: {', '.join(missing)}."]
     return lines + ["", f"![scaling]({PLOT.name})", ""]
 
 

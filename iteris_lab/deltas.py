@@ -15,16 +15,21 @@ from __future__ import annotations
 import torch
 
 from .adapters import LoraLayer
-from .targets import Target, TargetHooks, layer_input
+from .hooks import TargetHooks, layer_input
+from .targets import Target
 
 
 class DeltaHooks(TargetHooks):
-    """Forward hooks that add the active ΔW to each target's output; removed on exit."""
+    """Forward hooks that add the active ΔW to each target's output; removed on exit.
+
+    Each ΔW is cast to the input's device and dtype once and kept while it is applied: a task's LoRA for the whole
+    merge, a solved ΔW (factors or dense) until a newer one is applied to the same module, when the older is dropped.
+    """
 
     def __init__(self, targets: dict[str, Target]):
         super().__init__(targets)
         self._active: dict = {}
-        self._prepared: dict = {}  # (id(delta), device, dtype) -> (delta, tensors): the delta keeps its id alive
+        self._prepared: dict[str, dict] = {}  # name -> {(id(delta), device, dtype): (delta, tensors)}
 
     def __exit__(self, *exc):
         self._prepared.clear()
@@ -41,18 +46,21 @@ class DeltaHooks(TargetHooks):
                 return None
             x = layer_input(args, kwargs)
             dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
-            B, A, scale = self._tensors(delta, x.device, dtype)
+            B, A, scale = self._tensors(name, delta, x.device, dtype)
             return output + target.layer.product(x.to(dtype), B, A, scale).to(device=output.device, dtype=output.dtype)
         return hook
 
-    def _tensors(self, delta, device, dtype):
-        """(B, A, scale) on `device` in `dtype`; A is None for a dense ΔW (held in B). Cached per delta object."""
-        key = (id(delta), device, dtype)
-        if key not in self._prepared:
+    def _tensors(self, name: str, delta, device, dtype):
+        """(B, A, scale) on `device` in `dtype`; A is None for a dense ΔW (held in B)."""
+        prepared = self._prepared.setdefault(name, {})
+        key = (id(delta), device, dtype)  # the entry holds `delta`, so its id cannot be reused meanwhile
+        if key not in prepared:
             if isinstance(delta, LoraLayer):
                 (B, A), scale = delta.factors(), delta.scale
-            else:  # (B, A) with scale 1, or a dense ΔW held in B
+            else:  # (B, A) with scale 1, or a dense ΔW held in B: a solve's result, replaced by the next solve
                 (B, A), scale = (delta if isinstance(delta, tuple) else (delta, None)), 1.0
+                for old in [k for k, (d, _) in prepared.items() if not isinstance(d, LoraLayer)]:
+                    del prepared[old]
             tensors = (B.to(device=device, dtype=dtype), None if A is None else A.to(device=device, dtype=dtype), scale)
-            self._prepared[key] = (delta, tensors)
-        return self._prepared[key][1]
+            prepared[key] = (delta, tensors)
+        return prepared[key][1]

@@ -23,26 +23,26 @@ from . import baselines
 from .adapters import LoraAdapter, LoraLayer, check_adapters, load_adapter
 from .errors import AdapterError, CalibrationError, IterisError
 from .deltas import DeltaHooks
-from .features import Grams, check_coverage, gram_pass, paired_pass
-from .objective import LayerProblem, adaptive_weight, objective, output_energy, shrink_off_diagonal, solve
+from .features import gram_pass, paired_pass
+from .objective import LayerProblem, adaptive_weight, objective, output_energy, solve
 from .result import MergeResult, module_prefix
 from .settings import METHODS, MergeSettings
+from .statistics import Statistics, TaskStatistics, check_coverage, exact
 from .texts import text_records, tokenize_texts
 from .sweep import SweepTask, one_sweep
 from .targets import Target, resolve_names
 
 @dataclass
 class IterationRecord:
-    """What one solve did. Per layer, lists run over tasks.
+    """What one solve did. Per layer, lists run over tasks; both schedules record the same way (_solve_layer).
 
-    lambdas:   λ_i times the user's weight of task i (`weights` is its old name)
+    lambdas:   λ_i times the user's weight of task i, fixed at the layer's first solve (`weights`: deprecated alias)
     objective: ‖X_iΔW_iᵀ − X̃_iWᵀ‖² / ‖X_iΔW_iᵀ‖² of the new W on the features it was solved from
-    merged_objective: the previous W on the features of the merged model it produced (what that model
-               really does); None at iteration 1
-    drift:     ‖X_i − X̃_i‖² / ‖X_i‖² for the layer's input (0 at iteration 1)
-    change:    ‖ΔW_t − ΔW_{t−1}‖ / ‖ΔW_t‖ (1 at iteration 1)
-    The sweep schedule records one IterationRecord: its features are the merged model's own, so
-    merged_objective equals objective, and `change` is empty (there is no previous solve).
+    merged_objective: on those features, the W of the merged model that produced them (what that model really
+               does): Jacobi's previous W; in the sweep the new W itself (its features come from the final merge,
+               so merged_objective equals objective); None at Jacobi's first solve (the task models' features)
+    drift:     ‖X_i − X̃_i‖² / ‖X_i‖² for the layer's input (0 at the first Jacobi solve)
+    change:    ‖ΔW_t − ΔW_{t−1}‖ / ‖ΔW_t‖, with ΔW_0 = 0: 1 at a layer's first solve (the sweep's only one)
     """
 
     iteration: int
@@ -55,6 +55,7 @@ class IterationRecord:
 
     @property
     def weights(self) -> dict[str, list[float]]:
+        """Deprecated: λ is `lambdas` (`weights=` means the user's task weights)."""
         return self.lambdas
 
     def mean_objective(self) -> float:
@@ -282,20 +283,17 @@ def _iterate(model, layers: dict[str, _Layer], batches, forwards, settings: Merg
         bar = tqdm(range(1, settings.max_iter + 1), desc=f"{settings.method} solves", disable=quiet)
         for t in bar:
             tick = time.perf_counter()
-            grams = []
+            stats = []  # the previous solve's statistics are released before new ones are summed
+            merged = {name: layer.factors for name, layer in layers.items()}
             for i in tqdm(range(len(batches)), desc=f"solve {t}: tasks", leave=False, disable=quiet):
                 if t == 1:
                     hooks.set(task_deltas[i])
-                    g = gram_pass(model, targets, batches[i], forwards[i], dtype)
+                    task = gram_pass(model, targets, batches[i], forwards[i], dtype)
                 else:
-                    merged = {name: layer.factors for name, layer in layers.items()}
-                    g = paired_pass(model, targets, batches[i], lambda i=i: hooks.set(task_deltas[i]),
-                                    lambda m=merged: hooks.set(m), forwards[i], dtype)
-                check_coverage(g, targets, i)
-                grams.append(g)
-            if t == 1:
-                first = grams
-            record = _solve_all(layers, grams, first, settings, t)
+                    task = paired_pass(model, targets, batches[i], hooks, task_deltas[i], merged, forwards[i], dtype)
+                check_coverage(task, targets, i)
+                stats.append(task)
+            record = _solve_all(layers, stats, settings, t)
             record.seconds = time.perf_counter() - tick
             history.append(record)
             if on_iteration is not None:
@@ -314,77 +312,67 @@ def _sweep(model, layers: dict[str, _Layer], batches, forwards, settings: MergeS
     tick = time.perf_counter()
     record = IterationRecord(1, {}, {}, {}, {}, {})
     tasks = [SweepTask(b, f, d) for b, f, d in zip(batches, forwards, _task_deltas(layers, len(batches)))]
-    solved: dict = {}  # id of a module's statistics -> their float64 copies, reused by modules sharing an input
+    current: list[Statistics] = []  # float64 statistics of the module solved last, reused by modules sharing them
 
-    def solve_one(name, stats):
-        key = id(stats)
-        if key not in solved:
-            solved.clear()
-            solved[key] = [[getattr(s, which).double() for s in stats] for which in ("cross", "gram", "task")]
-        cross, gram, first = solved[key]
-        _solve_layer(name, layers[name], cross, gram, first, sum(s.rows for s in stats), settings, record, 1)
-        record.merged_objective[name] = record.objective[name]
+    def solve_one(name: str, stats: list[Statistics], shared: bool):
+        if not shared:
+            current[:] = [st.float64(settings.shrink) for st in stats]
+        _solve_layer(name, layers[name], current, settings, record, features="final merge")
         return layers[name].factors
 
     targets = {name: layer.target for name, layer in layers.items()}
     with tqdm(total=len(targets), desc="iteris sweep: layers", disable=_quiet(progress)) as bar:
         one_sweep(model, targets, tasks, solve_one, settings.gram_torch_dtype, on_solved=lambda name: bar.update())
-    record.change = {}
     record.seconds = time.perf_counter() - tick
     if on_iteration is not None:
         on_iteration(record, _weight_layout(layers))
     return [record]
 
 
-def _solve_all(layers, grams: list[Grams], first: list[Grams], settings: MergeSettings, t) -> IterationRecord:
+def _solve_all(layers, stats: list[TaskStatistics], settings: MergeSettings, t: int) -> IterationRecord:
+    """Jacobi's solve t of every layer; a group's float64 statistics are built once for its modules."""
     record = IterationRecord(t, {}, {}, {} if t > 1 else None, {}, {})
-    cache: dict = {}
-
-    def stat(g: Grams, which: str, name: str) -> torch.Tensor:
-        group = g.group_of(name)
-        key = (id(g), which, group)
-        if key not in cache:
-            m = getattr(g, which)[group].double()
-            cache[key] = shrink_off_diagonal(m, settings.shrink)
-        return cache[key]
-
+    group, current = None, []
     for name, layer in layers.items():
-        cross = [stat(g, "cross", name) for g in grams]
-        gram = [stat(g, "gram", name) for g in grams]
-        first_gram = [stat(g, "gram", name) for g in first]
-        rows = sum(g.rows[g.group_of(name)] for g in grams)
-        _solve_layer(name, layer, cross, gram, first_gram, rows, settings, record, t)
+        groups = [task.group_of(name) for task in stats]
+        if groups != group:
+            group, current = groups, [task.groups[g].float64(settings.shrink) for task, g in zip(stats, groups)]
+        _solve_layer(name, layer, current, settings, record, features="tasks" if t == 1 else "previous merge")
     return record
 
 
-def _solve_layer(name: str, layer: _Layer, cross, gram, first_gram, rows: int, settings: MergeSettings,
-                 record: IterationRecord, t: int) -> None:
-    """Solve one layer from P_i = X_iᵀX̃_i, Q_i = X̃_iᵀX̃_i (and S_i = X_iᵀX_i for λ), and record what it did."""
-    if t == 1:
-        _fix_lambdas(layer, first_gram, settings, layer.target.weight_matrix())
-    shrunk = settings.shrink < 1
-    problem = LayerProblem(name, layer.loras, cross, gram, layer.lambdas, rows, shrunk)
-    if t > 1:
-        record.merged_objective[name] = _relative(objective(problem, *layer.factors, layer.energies),
-                                                  layer.energies)
-    B, A = solve(problem, settings.alpha)
-    delta = B @ A
-    previous, layer.factors, layer.delta = layer.delta, (B, A), delta
-    record.lambdas[name] = list(layer.lambdas)
-    record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
-    record.change[name] = 1.0 if previous is None else float(
-        torch.linalg.matrix_norm(delta - previous) / torch.linalg.matrix_norm(delta).clamp_min(1e-30))
-    record.drift[name] = [float((torch.trace(s) - 2 * torch.trace(p) + torch.trace(q)) / torch.trace(s))
-                          for s, p, q in zip(first_gram, cross, gram)]
+def _solve_layer(name: str, layer: _Layer, stats: list[Statistics], settings: MergeSettings,
+                 record: IterationRecord, features: str) -> None:
+    """Solve one layer from its float64 statistics per task (S_i = X_iᵀX_i for λ, P_i = X_iᵀX̃_i, Q_i = X̃_iᵀX̃_i)
+    and record what it did. `features` says which model produced X̃: "tasks" (X̃ = X), "previous merge" (Jacobi)
+    or "final merge" (the sweep: the merge being built, every layer upstream final)."""
+    with exact(stats[0].s):
+        if not layer.lambdas:
+            _fix_lambdas(layer, [st.s for st in stats], settings, layer.target.weight_matrix())
+        problem = LayerProblem(name, layer.loras, [st.p for st in stats], [st.q for st in stats], layer.lambdas,
+                               sum(st.rows for st in stats), shrunk=settings.shrink < 1)
+        previous_factors, previous = layer.factors, layer.delta
+        B, A = solve(problem, settings.alpha)
+        layer.factors, layer.delta = (B, A), B @ A
+        record.lambdas[name] = list(layer.lambdas)
+        record.objective[name] = _relative(objective(problem, B, A, layer.energies), layer.energies)
+        if features != "tasks":
+            producer = (B, A) if features == "final merge" else previous_factors
+            record.merged_objective[name] = _relative(objective(problem, *producer, layer.energies), layer.energies)
+        record.change[name] = 1.0 if previous is None else float(
+            torch.linalg.matrix_norm(layer.delta - previous) / torch.linalg.matrix_norm(layer.delta).clamp_min(1e-30))
+        record.drift[name] = [float((torch.trace(st.s) - 2 * torch.trace(st.p) + torch.trace(st.q)) / torch.trace(st.s))
+                              for st in stats]
 
 
-def _fix_lambdas(layer: _Layer, s_list, settings: MergeSettings, w0: torch.Tensor) -> None:
-    """λ_i (times the user's weight of task i) and ‖X_iΔW_iᵀ‖², fixed from iteration 1 on: X_i never changes."""
-    lams = [adaptive_weight(lora, s, w0, settings.adaptive_weights) for lora, s in zip(layer.loras, s_list)]
+def _fix_lambdas(layer: _Layer, s: list[torch.Tensor], settings: MergeSettings, w0: torch.Tensor) -> None:
+    """λ_i (times the user's weight of task i) and ‖X_iΔW_iᵀ‖² from S_i = X_iᵀX_i, fixed at the layer's first solve:
+    X_i never changes."""
+    lams = [adaptive_weight(lora, s_i, w0, settings.adaptive_weights) for lora, s_i in zip(layer.loras, s)]
     known = [lam for lam in lams if lam is not None]
     fill = sum(known) / len(known) if known else 1.0
     layer.lambdas = [(fill if lam is None else lam) * w for lam, w in zip(lams, settings.weights)]
-    layer.energies = [0.0 if lora is None else output_energy(lora, s) for lora, s in zip(layer.loras, s_list)]
+    layer.energies = [0.0 if lora is None else output_energy(lora, s_i) for lora, s_i in zip(layer.loras, s)]
 
 
 def _relative(values: list[float], energies: list[float]) -> list[float]:

@@ -87,7 +87,8 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
     """The closed form as LoRA factors: (B_cat (out, Σr), A_new (Σr, in)), W* = B_cat @ A_new."""
     if alpha == 0 and not problem.shrunk and problem.rows < problem.in_features:
         raise SolveError(f"layer {problem.name}: {problem.rows} calibration rows for {problem.in_features} inputs "
-                         "make Σλ_i X̃_iᵀX̃_i singular with alpha=0; use alpha > 0 (e.g. 1e-4) or more samples.")
+                         f"make Σλ_i X̃_iᵀX̃_i rank-deficient (its rank is at most {problem.rows}), so with alpha=0 the "
+                         "closed form has no unique solution; use alpha > 0 (e.g. 1e-4) or more samples.")
     g = sum(lam * regularize(gram, alpha) for lam, gram in zip(problem.lambdas, problem.gram))
     # An input feature that is exactly 0 on every calibration row (a dead dimension, e.g. of a text encoder) has
     # a zero row and column in every Gram: W's column there is free, and 1 on the diagonal picks the minimum-norm
@@ -97,8 +98,7 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
         g = g + torch.diag(dead.to(g.dtype))
     chol, info = torch.linalg.cholesky_ex(g)
     if info.item() > 0:
-        raise SolveError(f"layer {problem.name}: Σλ_i X̃_iᵀX̃_i is singular (rank-deficient features); "
-                         "use alpha > 0 (e.g. 1e-4).")
+        raise SolveError(_why_singular(problem, alpha))
     rhs, bs = [], []
     for lora, cross, lam in zip(problem.loras, problem.cross, problem.lambdas):
         if lora is None:
@@ -108,6 +108,24 @@ def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tens
         bs.append(B)
     a_new = torch.cholesky_solve(torch.cat(rhs, dim=1), chol).T
     return torch.cat(bs, dim=1), a_new
+
+
+def _why_singular(problem: LayerProblem, alpha: float) -> str:
+    """Why Cholesky failed: what is rank-deficient, and the fix that helps (alpha only where it would)."""
+    from .measure import numerical_rank
+
+    g = sum(lam * gram for lam, gram in zip(problem.lambdas, problem.gram))  # unregularized (in, in)
+    where, n = f"layer {problem.name}: Σλ_i X̃_iᵀX̃_i", problem.in_features
+    if alpha == 0:
+        rank = numerical_rank(g.float())  # the statistics are float32 sums unless gram_dtype="float64"
+        return (f"{where} has numerical rank {rank} of {n}: the calibration features span only {rank} directions "
+                "(repeated or collinear tokens), so with alpha=0 the closed form has no unique solution; use "
+                "alpha > 0 (e.g. 1e-4) or more varied samples.")
+    lowest = float(torch.linalg.eigvalsh(g)[0] / torch.linalg.matrix_norm(g).clamp_min(1e-300))
+    return (f"{where} is not positive definite even with alpha={alpha:g}: its smallest eigenvalue is {lowest:.1e}·‖G‖_F, "
+            "below what the regularizer adds, so the statistics themselves are off (summed with too little precision: "
+            "a half-precision model, or float32 sums of many rows). Use gram_dtype='float64', or merge with the "
+            "model in float32.")
 
 
 def objective(problem: LayerProblem, B: torch.Tensor, A: torch.Tensor, energies: list[float]) -> list[float]:

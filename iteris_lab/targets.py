@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
+from .offload import Offload
 
 
 @dataclass(frozen=True)
@@ -150,49 +151,21 @@ def layer_of(name: str, module: nn.Module) -> LinearLayer:
 class Target:
     """A module to merge, with the view of its inputs that makes it y = x·Wᵀ.
 
-    `model` (the root module) is only needed for weights that accelerate offloads at a block above the module.
+    `model` (the root module) is only needed for weights that accelerate offloads at a block above the module
+    (offload.py).
     """
 
     def __init__(self, name: str, module: nn.Module, model: nn.Module | None = None):
         self.name, self.module = name, module
         self.layer = layer_of(name, module)
-        # The module itself, then its ancestors from the nearest: (its name relative to the owner + ".", owner).
-        self._owners = [("", module)]
-        if model is not None:
-            parts = name.split(".")
-            for k in range(len(parts) - 1, -1, -1):
-                owner = model.get_submodule(".".join(parts[:k]))
-                self._owners.append((".".join(parts[k:]) + ".", owner))
-        if module.weight.device.type == "meta" and not any(self._weight_stores()):
-            raise self._no_store_error()
+        self.offload = Offload(name, module, model)
 
     def weight_matrix(self) -> torch.Tensor:
         """W0 as a float64 (out, in_flat) matrix, read from accelerate's offload store when it is not in memory."""
         w = self.module.weight
         if w.device.type == "meta":
-            w = self._offloaded_weight()
+            w = self.offload.weight()
         return self.layer.matrix(w.detach().double())
-
-    def _weight_stores(self):
-        """(key of this module's weight, accelerate weights_map) for every offload store above or on the module."""
-        for prefix, owner in self._owners:
-            for hook in _accelerate_hooks(owner):
-                weights = getattr(hook, "weights_map", None)
-                if weights is not None:
-                    yield prefix + "weight", weights
-
-    def _offloaded_weight(self) -> torch.Tensor:
-        for key, weights in self._weight_stores():
-            try:
-                return weights[key]
-            except KeyError:
-                continue
-        raise self._no_store_error()
-
-    def _no_store_error(self) -> AdapterError:
-        return AdapterError(f"module {self.name}: its weight is on the meta device and no accelerate offload hook "
-                            "holds it; load the model with real weights, or with device_map=... (and "
-                            "offload_folder) so that accelerate can load them.")
 
     @torch.no_grad()
     def write(self, w0: torch.Tensor, delta: torch.Tensor | None) -> None:
@@ -207,53 +180,11 @@ class Target:
     @property
     def offloaded(self) -> bool:
         """True when the weight lives outside the module (accelerate offload: the parameter is on meta)."""
-        return self.module.weight.device.type == "meta" or any(
-            getattr(hook, "offload", False) for _, owner in self._owners for hook in _accelerate_hooks(owner))
+        return self.offload.active
 
     def ensure_loaded(self) -> None:
-        """Reload the weights of blocks above this module that accelerate offloaded while a paused pass was inside
-        them (another pass left the block in the meantime); the module's own hook reloads by itself."""
-        for _, owner in self._owners[1:]:
-            for hook in _accelerate_hooks(owner):
-                if getattr(hook, "offload", False) and any(p.device.type == "meta" for p in owner.parameters()):
-                    hook.pre_forward(owner)
-
-
-class TargetHooks:
-    """Hooks made by `_hook(name, target)` on every target: forward hooks, or forward pre-hooks when `pre`; removed
-    on exit. DeltaHooks, features.Capture and the sweep's stops are the three kinds."""
-
-    pre = False
-
-    def __init__(self, targets: dict[str, Target]):
-        self.targets, self._handles = targets, []
-
-    def __enter__(self):
-        for name, target in self.targets.items():
-            register = target.module.register_forward_pre_hook if self.pre else target.module.register_forward_hook
-            self._handles.append(register(self._hook(name, target), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        return False
-
-    def _hook(self, name: str, target: Target):
-        raise NotImplementedError
-
-
-def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The input x a hook sees: the first positional argument, else the first tensor keyword argument."""
-    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-
-
-def _accelerate_hooks(module: nn.Module) -> list:
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    return list(getattr(hook, "hooks", [hook]))  # a SequentialHook holds several
+        """Reload blocks above this module that accelerate offloaded while a paused pass stood inside them."""
+        self.offload.reload_blocks()
 
 
 def _conv_padding(name: str, module: nn.Conv2d):

@@ -1,11 +1,13 @@
 """merge_loras end to end on tiny models: RegMean equivalence, the fixed point, masks, architectures."""
 import copy
+import weakref
 
 import pytest
 import torch
 from peft import PeftModel
 
 import iteris_lab
+from iteris_lab.deltas import DeltaHooks
 from iteris_lab.features import gram_pass
 from iteris_lab.targets import Target
 from tiny import TARGETS, build_tiny, merge_case, outputs, token_batches
@@ -263,3 +265,19 @@ def test_float64_statistics_match_an_exact_solve_where_float32_ones_do_not(tmp_p
             errors[label] = max(errors[label], error)
     assert errors["float64"] < 1e-5
     assert errors["float32"] > 10 * errors["float64"]
+
+
+def test_delta_hooks_drop_a_solved_delta_once_a_newer_one_is_applied(tmp_path):
+    case = merge_case("mlp", tmp_path, n_tasks=2)
+    model, x = case.model, case.calibration[0][0]
+    targets = {"2": Target("2", model.get_submodule("2"))}
+    old = (torch.randn(16, 4), torch.randn(4, 16))
+    gone = weakref.ref(old[0])
+    with DeltaHooks(targets) as hooks, torch.no_grad():
+        hooks.set({"2": old})
+        first = model(x)
+        hooks.set({"2": (torch.randn(16, 4), torch.randn(4, 16))})
+        second = model(x)
+        del old
+        assert gone() is None  # old code kept every solve's factors until the merge ended
+    assert not torch.equal(first, second)

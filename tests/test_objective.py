@@ -128,6 +128,23 @@ def test_alpha_zero_with_too_few_rows_names_the_layer():
     assert torch.isfinite(B @ A).all()
 
 
+def test_alpha_zero_with_collinear_features_states_their_rank_and_suggests_alpha():
+    loras, _, _ = random_case(seed=8)
+    ones = torch.ones(IN, IN, dtype=torch.float64)  # every row (1, ..., 1)·c: many rows, rank 1, no dead input
+    problem = LayerProblem("layer", loras, [ones] * 3, [ones] * 3, [1.0, 1.0, 1.0], rows=100)
+    with pytest.raises(SolveError, match=r"layer: .* numerical rank 1 of 6: .* alpha > 0"):
+        solve(problem, 0.0)
+
+
+def test_indefinite_statistics_with_alpha_point_to_their_precision_not_to_alpha():
+    loras, xs, xts = random_case(seed=9)
+    problem = problem_from(loras, xs, xts, (1.0, 1.0, 1.0))
+    problem.gram = [q - 10 * torch.eye(IN, dtype=torch.float64) * torch.linalg.matrix_norm(q) for q in problem.gram]
+    with pytest.raises(SolveError, match="not positive definite even with alpha=0.0001.*gram_dtype='float64'") as err:
+        solve(problem, 1e-4)
+    assert "alpha >" not in str(err.value) and "e.g. 1e-4" not in str(err.value)
+
+
 def test_regmean_shrink_keeps_the_diagonal():
     m = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)
     shrunk = shrink_off_diagonal(m, 0.25)

@@ -7,7 +7,6 @@ line on stderr and exit code 2, raised where it arises.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

@@ -44,7 +44,7 @@ def unused_settings(method: str, given, schedule: str = "sweep") -> None:
     if not names:
         return
     why = "it is data-free" if method not in SOLVED else "--schedule sweep solves each layer once" \
-        if set(names) <= {"max_iter", "tol"} else f"it does not use them"
+        if set(names) <= {"max_iter", "tol"} else "it does not use them"
     files = " (the calibration files are not read)" if "calibration" in names else ""
     note(f"{', '.join(option(n) for n in names)} {'has' if len(names) == 1 else 'have'} no effect with --method "
          f"{method}{' --schedule ' + schedule if set(names) <= {'max_iter', 'tol'} else ''}: {why}; ignored{files}.")
