@@ -11,12 +11,9 @@ from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
 from iteris_lab.targets import Target
 from iteris_lab.tracks.diffusion import diffusion as dm
+from tiny_diffusion import TINY_UNET, pixel_unet_and_loras, pixel_unet_batches
 from iteris_lab.tracks.diffusion.benchmark import concept_scores, prompts_for
 from iteris_lab.tracks.diffusion.digits import digit_images, fit_judge, ink, slant, slant_score, split_indices, thicken
-
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
-                 norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
 
 
 def test_style_metrics_measure_their_style():
@@ -78,36 +75,8 @@ def test_concept_scores_place_base_at_zero_and_lora_at_one():
     assert scores["leakage"] == pytest.approx({"thick": 0.25, "slant": 0.25})
 
 
-def _tiny_unet_and_loras(tmp_path):
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    unet = dm.build_unet(TINY_UNET).eval().requires_grad_(False)
-    dirs = []
-    for k in range(2):
-        config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-                            init_lora_weights=False)
-        wrapped = inject_adapter_in_model(config, dm.build_unet(TINY_UNET))
-        state = {f"base_model.model.{n}": v for n, v in get_peft_model_state_dict(wrapped).items()}
-        path = tmp_path / f"lora{k}"
-        path.mkdir()
-        save_file({n: v.contiguous() for n, v in state.items()}, str(path / "adapter_model.safetensors"))
-        config.save_pretrained(str(path))
-        dirs.append(path)
-    return unet, dirs
-
-
-def _batches(seed, lengths=(3, 5)):
-    generator = torch.Generator().manual_seed(seed)
-    cond = torch.randn(len(lengths), 6, 12, generator=generator)
-    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
-    images = torch.rand(len(lengths), 1, 8, 8, generator=generator) * 2 - 1
-    return dm.noisy_batches(images, cond, mask, timesteps=(100, 700), batch_size=2, seed=seed)
-
-
 def test_unet_loras_load_with_conv_layers(tmp_path):
-    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    unet, dirs = pixel_unet_and_loras(tmp_path)
     adapter = load_adapter(dirs[0])
     convs = [n for n, layer in adapter.layers.items() if layer.A.dim() == 4]
     assert convs and all(n.endswith(("conv1", "conv2")) for n in convs)
@@ -115,24 +84,24 @@ def test_unet_loras_load_with_conv_layers(tmp_path):
 
 
 def test_cross_attention_rows_are_the_real_text_tokens(tmp_path):
-    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    unet, dirs = pixel_unet_and_loras(tmp_path)
     modules = dict(unet.named_modules())
     names = [n for n in modules if n.endswith(("attn2.to_k", "attn2.to_v", "attn1.to_q"))]
-    grams = gram_pass(unet, {n: Target(n, modules[n]) for n in names}, _batches(0))
+    grams = gram_pass(unet, {n: Target(n, modules[n]) for n in names}, pixel_unet_batches(0))
     rows = {group[0].rsplit(".", 1)[-1]: count for group, count in grams.rows.items()}
     assert rows["to_k"] == 2 * (3 + 5)  # two timesteps x real tokens; padding never enters
     assert rows["to_q"] == 2 * 2 * 4 * 4  # two timesteps x two images x the 4x4 latent positions
 
 
 def test_iteris_on_a_unet_reports_every_iteration_and_leaves_it_unchanged(tmp_path):
-    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    unet, dirs = pixel_unet_and_loras(tmp_path)
     before = {n: p.clone() for n, p in unet.state_dict().items()}
     seen = []
-    result = merge_loras(unet, dirs, [_batches(1), _batches(2)], max_iter=3, progress=False,
+    result = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], max_iter=3, progress=False,
                          on_iteration=lambda record, deltas: seen.append((record.iteration, deltas)))
     assert all(torch.equal(before[n], p) for n, p in unet.state_dict().items())
     assert [t for t, _ in seen] == [1, 2, 3]
-    two = merge_loras(unet, dirs, [_batches(1), _batches(2)], max_iter=2, progress=False)
+    two = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], max_iter=2, progress=False)
     for name, delta in two.deltas.items():
         torch.testing.assert_close(seen[1][1][name], delta)
     conv = next(n for n in result.deltas if n.endswith("conv1"))
@@ -144,8 +113,8 @@ def test_iteris_on_a_unet_reports_every_iteration_and_leaves_it_unchanged(tmp_pa
 
 
 def test_regmean_solves_with_a_dead_text_feature(tmp_path):
-    unet, dirs = _tiny_unet_and_loras(tmp_path)
-    batches = [_batches(1), _batches(2)]
+    unet, dirs = pixel_unet_and_loras(tmp_path)
+    batches = [pixel_unet_batches(1), pixel_unet_batches(2)]
     for task in batches:
         for b in task:
             b["encoder_hidden_states"][..., 3] = 0.0  # a feature the text encoder never uses

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import iteris_lab
 from iteris_lab.errors import ExportError
-from test_sweep import ALL_LLAMA, relative_distance
-from tiny import merge_case, outputs, save_tiny
+from tiny import ALL_LLAMA, merge_case, outputs, relative_distance, save_tiny
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
               "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}

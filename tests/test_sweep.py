@@ -7,16 +7,8 @@ from torch import nn
 
 import iteris_lab
 from iteris_lab.errors import CalibrationError
-from test_diffusion import _batches as unet_batches
-from test_diffusion import _tiny_unet_and_loras
-from tiny import make_lora, merge_case, token_batches
-
-ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def relative_distance(a: dict, b: dict) -> float:
-    return max(float((a[n].double() - b[n].double()).norm() / b[n].double().norm()) for n in b)
-
+from tiny_diffusion import pixel_unet_and_loras, pixel_unet_batches as unet_batches
+from tiny import ALL_LLAMA, make_lora, merge_case, relative_distance, token_batches
 
 def assert_sweep_is_the_fixed_point(model, adapters, calibration, **kwargs):
     sweep = iteris_lab.merge_loras(model, adapters, calibration, schedule="sweep", progress=False, **kwargs)
@@ -47,7 +39,7 @@ def test_sweep_equals_jacobi_run_past_its_fixed_point(tmp_path, kind):
 
 
 def test_sweep_on_a_unet_with_conv2d_loras_and_a_denoising_forward(tmp_path):
-    unet, dirs = _tiny_unet_and_loras(tmp_path)
+    unet, dirs = pixel_unet_and_loras(tmp_path)
     calibration = [unet_batches(1), unet_batches(2)]
     sweep = assert_sweep_is_the_fixed_point(unet, dirs, calibration)
     assert any(delta.dim() == 4 for delta in sweep.deltas.values())

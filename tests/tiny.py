@@ -223,3 +223,11 @@ def save_tokenizer(directory) -> None:
     core = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>").save_pretrained(directory)
+
+
+ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """max over the layers of b: ‖a − b‖_F / ‖b‖_F, in float64."""
+    return max(float((a[n].double() - b[n].double()).norm() / b[n].double().norm()) for n in b)

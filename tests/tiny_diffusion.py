@@ -7,6 +7,8 @@ tiny_pipeline(dir)   a StableDiffusionPipeline of random tiny parts (CLIP text e
                      saved with save_pretrained, so it reloads through the same from_pretrained code as a hub id
 add_lora(unet, ...)  a peft LoRA on attention projections and resnet convs with non-zero random B
 unet_batch(unet)     one (sample, timestep, encoder_hidden_states) batch for unet(**batch)
+pixel_unet_and_loras(tmp)  the diffusion track's pixel-space UNet (TINY_UNET) and two LoRA folders;
+                     pixel_unet_batches(seed): its calibration batches
 """
 from __future__ import annotations
 
@@ -161,3 +163,43 @@ def tiny_clip(directory):
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return str(directory)
+
+
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+                 norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
+
+
+def pixel_unet_and_loras(tmp_path):
+    """The diffusion track's pixel-space UNet (TINY_UNET, random) and two PEFT LoRA folders on its attention
+    projections and resnet convs, written under tmp_path: (unet, [folder, folder])."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    from iteris_lab.tracks.diffusion import diffusion as dm
+
+    torch.manual_seed(0)
+    unet = dm.build_unet(TINY_UNET).eval().requires_grad_(False)
+    dirs = []
+    for k in range(2):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                            init_lora_weights=False)
+        wrapped = inject_adapter_in_model(config, dm.build_unet(TINY_UNET))
+        state = {f"base_model.model.{n}": v for n, v in get_peft_model_state_dict(wrapped).items()}
+        path = tmp_path / f"lora{k}"
+        path.mkdir()
+        save_file({n: v.contiguous() for n, v in state.items()}, str(path / "adapter_model.safetensors"))
+        config.save_pretrained(str(path))
+        dirs.append(path)
+    return unet, dirs
+
+
+def pixel_unet_batches(seed, lengths=(3, 5)):
+    """Noisy-image calibration batches for pixel_unet_and_loras' UNet (conditioning with padding positions)."""
+    from iteris_lab.tracks.diffusion import diffusion as dm
+
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(len(lengths), 6, 12, generator=generator)
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    images = torch.rand(len(lengths), 1, 8, 8, generator=generator) * 2 - 1
+    return dm.noisy_batches(images, cond, mask, timesteps=(100, 700), batch_size=2, seed=seed)

@@ -390,12 +390,3 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-
-
-def __getattr__(name: str):
-    """harness.load_track / evaluate_track / LlmTrack: the default (LLM) track, as the chapters call it."""
-    if name in ("LlmTrack", "load_track", "evaluate_track"):
-        from .llm import track
-
-        return getattr(track, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
