@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from iteris_lab.cli import main, notes
 from iteris_lab.cli.merge import METHODS
 from iteris_lab.errors import IterisError
-from iteris_lab.io.recipe import KEYS, SETTINGS_KEYS, check_recipe, load_recipe
+from iteris_lab.io.recipe import KEYS, SETTINGS_KEYS, TOKENIZE_KEYS, check_recipe, load_recipe
 from iteris_lab.settings import METHODS as SETTINGS_METHODS
 from iteris_lab.settings import MergeSettings
 from tiny import WORDS, load_tiny, make_lora, save_tiny, save_tokenizer
@@ -108,7 +108,9 @@ def test_paths_are_relative_to_the_recipe_and_the_command_line_wins(made, tmp_pa
 
 def test_recipe_keys_cli_methods_and_notes_follow_merge_settings():
     names = {f.name for f in fields(MergeSettings)}
-    assert set(SETTINGS_KEYS) == names == set(notes.SETTINGS)
+    tokenization = set(TOKENIZE_KEYS) & names  # MergeSettings' text settings are the recipe's tokenization keys
+    assert tokenization == {"batch_size", "max_length", "chat_template"}
+    assert set(SETTINGS_KEYS) | tokenization == names == set(notes.SETTINGS) | tokenization
     assert set(SETTINGS_KEYS) <= set(KEYS)
     assert METHODS == SETTINGS_METHODS
 
