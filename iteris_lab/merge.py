@@ -36,7 +36,7 @@ from .targets import Target, resolve_names
 class IterationRecord:
     """What one solve did. Per layer, lists run over tasks; both schedules record the same way (_solve_layer).
 
-    lambdas:   λ_i times the user's weight of task i, fixed at the layer's first solve (`weights`: deprecated alias)
+    lambdas:   λ_i times the user's weight of task i, fixed at the layer's first solve
     objective: ‖X_iΔW_iᵀ − X̃_iWᵀ‖² / ‖X_iΔW_iᵀ‖² of the new W on the features it was solved from
     merged_objective: on those features, the W of the merged model that produced them (what that model really
                does): Jacobi's previous W; in the sweep the new W itself (its features come from the final merge,
@@ -52,11 +52,6 @@ class IterationRecord:
     drift: dict[str, list[float]]
     change: dict[str, float]
     seconds: float = 0.0
-
-    @property
-    def weights(self) -> dict[str, list[float]]:
-        """Deprecated: λ is `lambdas` (`weights=` means the user's task weights)."""
-        return self.lambdas
 
     def mean_objective(self) -> float:
         values = [v for per_task in self.objective.values() for v in per_task]

@@ -66,7 +66,7 @@ def test_weights_heatmap_is_layers_by_tasks(history):
     shares = np.asarray(ax.collections[0].get_array()).reshape(3, 2)
     assert np.allclose(shares.sum(axis=1), 1.0)
     raw = np.asarray(plots.plot_weights(history, normalize=False).axes[0].collections[0].get_array()).reshape(3, 2)
-    assert np.allclose(raw, [history[0].weights[n] for n in ("0", "2", "4")])
+    assert np.allclose(raw, [history[0].lambdas[n] for n in ("0", "2", "4")])
     with pytest.raises(ValueError, match="no iteration 9"):
         plots.plot_weights(history, iteration=9)
 
