@@ -7,6 +7,10 @@ With ΔW_i = s_i B_i A_i the solution is exactly a LoRA of rank Σ r_i:
     W* = Σ_i B_i (s_i λ_i A_i C_i G⁻¹) = B_cat · A_new,   G = Σ_i λ_i G_i
 so we solve G · A_newᵀ = [s_i λ_i C_iᵀ A_iᵀ]_i with Σ r_i right-hand sides, and every objective value
 below is computed from the factors and the Grams, never from the raw features.
+
+Chapter 01 (notebooks/01_objective.ipynb) derives every function here and checks it against autograd: the
+objective and its closed form (section 2), the regularizer and what a large α tends to (section 4), λ (section 5),
+the exact low-rank form (section 7); it also writes the whole method in ~30 lines of plain torch (section 0).
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ class LayerProblem:
 
 
 def regularize(m: torch.Tensor, alpha: float) -> torch.Tensor:
-    """M + α‖M‖_F·I: the paper's regularizer, scaled to the size of M."""
+    """M + α‖M‖_F·I: the paper's regularizer, scaled to the size of M. Added to C_i and G_i alike, so a large α pulls
+    W* towards Σλ_i‖C_i‖ΔW_i / Σλ_i‖G_i‖ (a weighted average of the task updates), not to zero (chapter 01, section 4)."""
     if alpha == 0:
         return m
     return m + alpha * torch.linalg.matrix_norm(m) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
@@ -60,7 +65,8 @@ def output_energy(lora: LoraLayer, s: torch.Tensor) -> float:
 
 
 def adaptive_weight(lora: LoraLayer | None, s: torch.Tensor, w0: torch.Tensor, variant: LambdaVariant) -> float | None:
-    """λ_i of one layer from S = X_iᵀX_i (features with LoRA i active).
+    """λ_i of one layer from S = X_iᵀX_i (features with LoRA i active); chapter 01, section 5, and chapter 02 (λ per
+    layer on a real model).
 
     paper:    ‖ΔW_i‖_F² / ‖X_i ΔW_iᵀ‖_F²
     official: ‖W0 + ΔW_i‖_F² / ‖X_i (W0 + ΔW_i)ᵀ‖_F²   (HKUST-LongGroup/IterIS-merging)
@@ -84,7 +90,8 @@ def adaptive_weight(lora: LoraLayer | None, s: torch.Tensor, w0: torch.Tensor, v
 
 
 def solve(problem: LayerProblem, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The closed form as LoRA factors: (B_cat (out, Σr), A_new (Σr, in)), W* = B_cat @ A_new."""
+    """The closed form as LoRA factors: (B_cat (out, Σr), A_new (Σr, in)), W* = B_cat @ A_new (chapter 01, sections 2
+    and 7; chapter 03 solves one SmolLM2 layer by hand against it)."""
     if alpha == 0 and not problem.shrunk and problem.rows < problem.in_features:
         raise SolveError(f"layer {problem.name}: {problem.rows} calibration rows for {problem.in_features} inputs "
                          f"make Σλ_i X̃_iᵀX̃_i rank-deficient (its rank is at most {problem.rows}), so with alpha=0 the "

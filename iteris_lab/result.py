@@ -1,4 +1,5 @@
-"""MergeResult: what merge_loras returns — the merged ΔW per layer, its history, and ways to use it."""
+"""MergeResult: what merge_loras returns — the merged ΔW per layer, its history, and ways to use it (chapter 00 saves
+and reloads one with PEFT; chapter 03, section 6, at exact rank Σr_i and truncated)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
