@@ -432,3 +432,21 @@ def test_cli_refuses_bad_destinations_before_loading_the_base(cli_case, capsys, 
     assert run_cli(cli_case, tmp_path / "merged") == 2
     assert "creating a file in" in capsys.readouterr().err
     assert fingerprint(base, *adapters) == before
+
+
+def test_a_results_file_is_replaced_when_named_again_but_never_an_input_or_a_folder(tmp_path):
+    from iteris_lab.io.destination import write_text
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "keep"}\n')
+    with pytest.raises(ExportError):
+        write_text(prompts, "{}", inputs=[prompts])  # --json naming one of the command's inputs
+    assert prompts.read_text() == '{"text": "keep"}\n'
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ExportError):
+        write_text(tmp_path / "folder.json", "{}")
+    results = tmp_path / "results.json"
+    write_text(results, '{"a": 1}')
+    write_text(results, '{"a": 2}')
+    assert results.read_text() == '{"a": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "prompts.jsonl", "results.json"]

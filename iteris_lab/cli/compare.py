@@ -40,19 +40,22 @@ def _check_compare_args(args) -> None:
 
 def cmd_compare(args) -> dict:
     from ..adapters import load_adapter
+    from ..io.destination import write_text
     from ..tracks.own import compare
-    from .merge import _task_type, load_base
+    from ..io.base_model import load_base, resolve_base
+    from .merge import _task_type
 
     _check_compare_args(args)
     adapters = [load_adapter(a) for a in args.adapter]
-    model, tokenizer = load_base(args.base, _task_type(adapters), args.dtype)
+    spec = resolve_base(args.base, adapters)  # no --base: the adapters' base_model_name_or_path, as `merge`
+    model, tokenizer = load_base(spec, _task_type(adapters), args.dtype, quiet=args.quiet)
     result = compare(model, tokenizer, adapters, args.prompts, args.merged, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, batch_size=args.batch_size,
                      chat_template=args.chat_template, progress=not args.quiet)
     print(result.table())
-    out = result.to_json() | {"base": args.base}
+    out = result.to_json() | {"base": spec.recorded}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_text(args.json, json.dumps(out, indent=2), inputs=[*args.adapter, *args.prompts, *args.merged])
         print(f"written to {args.json}")
     return out
 
@@ -63,7 +66,8 @@ def add_parser(sub) -> None:
         description="Score the base model, each task's LoRA and every --merged adapter on every task's held-out "
                     "prompts: agreement of greedy answers with the task's own LoRA, mean next-token KL to it, and "
                     "accuracy where the prompts have targets. Task names are the adapter folders' names.")
-    compare.add_argument("--base", required=True, help="base model folder or hub id")
+    compare.add_argument("--base", help="base model folder, .gguf file or hub id (default: the adapters' "
+                                        "base_model_name_or_path, as in `iteris-lab merge`)")
     compare.add_argument("--adapter", action="append", required=True, help="a task's PEFT LoRA folder (repeat)")
     compare.add_argument("--prompts", action="append", required=True,
                          help="held-out prompts per --adapter, same order: .txt (one per line) or .jsonl "

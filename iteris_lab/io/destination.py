@@ -322,6 +322,13 @@ def write_file(path, fill: Callable[[Path], None], *, overwrite: bool = False, i
     return target
 
 
+def write_text(path, text: str, *, inputs: Iterable = ()) -> Path:
+    """A results file the user named (e.g. --json PATH) written through the rule: never an input, never a folder,
+    staged and renamed into place under the destination's lock; a file already there is replaced, as asked."""
+    return write_file(path, lambda staging: staging.write_text(text, encoding="utf-8"), overwrite=True,
+                      inputs=inputs)
+
+
 def replace_folder(directory: Path, fill: Callable[[Path], None]) -> None:
     """Call fill(staging) to write the new folder, then swap it in for `directory` (see the comment above). The
     caller holds the lock."""

@@ -122,7 +122,9 @@ def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm
     say(f"references done at {time.perf_counter() - start:.0f} s; merging with every method ...")
     rows = reference_rows(track, refs) + run_methods(track, profile, progress=not quiet, refs=refs, log=say)
     out = report(track, profile, rows, time.perf_counter() - start)
-    Path(json_path).write_text(json.dumps(out, indent=2))
+    from ...io.destination import write_text
+
+    write_text(json_path, json.dumps(out, indent=2))
     print(f"\niteris-lab demo: {track.name}, profile {profile.name}, "
           f"{profile.calibration_samples} calibration samples per task\n")
     print(markdown_table(rows))
