@@ -76,6 +76,19 @@ def log(*args) -> None:
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
+def sample_rows(track, own, limit, cfg: dict, iteris: dict) -> list[dict]:
+    """RegMean and the IterIS sweep at every calibration size of cfg["samples"] (several seeded draws up to
+    cfg["seeds_up_to"] samples, one above)."""
+    rows = []
+    for n in cfg["samples"]:
+        for seed in (cfg["seeds"] if n <= cfg["seeds_up_to"] else cfg["seeds"][:1]):
+            rows.append({"label": "regmean", **study.merge_row(track, "regmean", own, limit, samples=n, seed=seed)})
+            rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, seed=seed,
+                                                                     schedule="sweep", **iteris)})
+            log("samples", n, seed, rows[-2]["mean_normalized"], rows[-1]["mean_normalized"])
+    return rows
+
+
 def part_minilm() -> dict:
     cfg, iteris = MINILM, chosen("minilm")
     track = study.study_track("minilm")
@@ -84,14 +97,7 @@ def part_minilm() -> dict:
     log("own", own)
     out = {"model": "minilm", "tasks": list(track.tasks), "own": own, "iteris_settings": iteris, "config": cfg}
 
-    rows = []
-    for n in cfg["samples"]:
-        for seed in (cfg["seeds"] if n <= cfg["seeds_up_to"] else cfg["seeds"][:1]):
-            rows.append({"label": "regmean", **study.merge_row(track, "regmean", own, limit, samples=n, seed=seed)})
-            rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, seed=seed,
-                                                                     schedule="sweep", **iteris)})
-            log("samples", n, seed, rows[-2]["mean_normalized"], rows[-1]["mean_normalized"])
-    out["samples"] = rows
+    out["samples"] = sample_rows(track, own, limit, cfg, iteris)
 
     rows = []
     for n in cfg["alpha_samples"]:
@@ -157,12 +163,7 @@ def part_paired() -> dict:
     for label in cfg["data_free"]:
         rows.append({"label": label, **study.merge_row(track, label, own, limit)})
         log(label, rows[-1]["mean_normalized"])
-    for n in cfg["samples"]:
-        for seed in (cfg["seeds"] if n <= cfg["seeds_up_to"] else cfg["seeds"][:1]):
-            rows.append({"label": "regmean", **study.merge_row(track, "regmean", own, limit, samples=n, seed=seed)})
-            rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, seed=seed,
-                                                                     schedule="sweep", **iteris)})
-            log("samples", n, seed, rows[-2]["mean_normalized"], rows[-1]["mean_normalized"])
+    rows += sample_rows(track, own, limit, cfg, iteris)
     n = cfg["alpha_samples"]
     rows.append({"label": "iteris_sweep", **study.merge_row(track, "iteris", own, limit, samples=n, schedule="sweep",
                                                              alpha=cfg["alpha"],
