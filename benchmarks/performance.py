@@ -239,7 +239,7 @@ def smollm2_section(jacobi_iters: int, samples: int, workdir: Path) -> dict:
     """The sweep, RegMean and (jacobi_iters > 0) Jacobi on SmolLM2, each merge in its own process."""
     merges = {"sweep": dict(schedule="sweep"), "regmean": dict(method="regmean")}
     if jacobi_iters:
-        merges[f"jacobi_{jacobi_iters}"] = dict(max_iter=jacobi_iters)
+        merges[f"jacobi_{jacobi_iters}"] = dict(schedule="jacobi", max_iter=jacobi_iters)
     rows = {}
     for label, kwargs in merges.items():
         path = str(workdir / f"smollm2_{{label}}.pt")
@@ -335,7 +335,7 @@ def gpu7b_section(jacobi_iters: int) -> dict:
     args = dict(hidden=4096, tasks=4, samples=50, rank=16, tokens=256, layers=32, dtype="bfloat16", heads=32)
     rows = {}
     for label, kwargs in (("sweep", dict(schedule="sweep")), ("regmean", dict(method="regmean")),
-                          (f"jacobi_{jacobi_iters}", dict(max_iter=jacobi_iters))):
+                          (f"jacobi_{jacobi_iters}", dict(schedule="jacobi", max_iter=jacobi_iters))):
         measured = _run({"problem": "random", "problem_args": args, "merges": {label: kwargs}})
         rows[label] = {**measured["merges"][label], "forward_seconds": measured["forward_seconds"]}
     return {"problem": args, "device": torch.cuda.get_device_name(0), "rows": rows}
