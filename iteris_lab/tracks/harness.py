@@ -116,7 +116,7 @@ def method_specs(profile: Profile, iteris: dict | None = None) -> dict[str, dict
         "linear": dict(method="linear"), "task_arithmetic": dict(method="task_arithmetic", weights=None),
         "ties": dict(method="ties"), "dare_ties": dict(method="dare_ties"), "cat": dict(method="cat"),
         "regmean": dict(method="regmean", samples=few), "regmean_many": dict(method="regmean", samples=many),
-        "iteris": dict(method="iteris", samples=few, max_iter=profile.max_iter, **(iteris or {})),
+        "iteris": dict(method="iteris", samples=few, schedule="jacobi", max_iter=profile.max_iter, **(iteris or {})),
         "iteris_sweep": dict(method="iteris", samples=few, schedule="sweep", **(iteris or {})),
     }
 

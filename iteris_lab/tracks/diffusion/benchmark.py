@@ -241,7 +241,7 @@ def grid_figure(track: DiffusionTrack, profile, chosen: dict, path: Path) -> Non
     calib = track.calibration(profile.calibration_samples, profile.batch_size)
     for label, spec in (("linear", {"method": "linear"}), ("task arithmetic", {"method": "task_arithmetic"}),
                         ("regmean", {"method": "regmean"}),
-                        ("iteris", {"method": "iteris", "max_iter": profile.max_iter, **chosen})):
+                        ("iteris", {"method": "iteris", "schedule": "jacobi", "max_iter": profile.max_iter, **chosen})):
         result = merge_loras(track.unet, list(track.adapters.values()), calib, progress=False, **spec)
         with weights_added(track.unet, result.deltas):
             rows[label] = dm.sample(track.unet, track.encoder, prompts)
