@@ -26,7 +26,7 @@ def main() -> int:
     calibration = [calibration_batches(t, track.tokenizer, n=profile.calibration_samples, batch_size=profile.batch_size,
                                        max_length=track.max_length) for t in track.tasks.values()]
     result = iteris_lab.merge_loras(track.model, list(track.adapters.values()), calibration,
-                                    max_iter=profile.max_iter, progress=False, **chosen)
+                                    schedule="jacobi", max_iter=profile.max_iter, progress=False, **chosen)
     history = result.history
     layers = list(result.deltas)
     out = {
@@ -37,7 +37,8 @@ def main() -> int:
         "drift_by_layer_at_end": {name: mean(history[-1].drift[name]) for name in layers},
         "max_change_by_iteration": [max(r.change.values()) for r in history],
     }
-    first = iteris_lab.merge_loras(track.model, list(track.adapters.values()), calibration, max_iter=1,
+    first = iteris_lab.merge_loras(track.model, list(track.adapters.values()), calibration, schedule="jacobi",
+                                   max_iter=1,
                                    progress=False, **chosen)
     diff = [float((result.deltas[n] - first.deltas[n]).norm() / result.deltas[n].norm()) for n in layers]
     out["relative_norm_change_first_to_last"] = {"mean": mean(diff), "max": max(diff)}

@@ -78,7 +78,7 @@ class _Timers:
 
 
 def _smollm2_problem(samples: int):
-    from iteris_lab.adapters import load_adapter
+    from iteris_lab.io.peft import load_adapter
     from iteris_lab.tracks.llm.track import load_track
     from iteris_lab.tracks.llm.tasks import calibration_batches
 
@@ -158,7 +158,7 @@ def _live_bytes_per_token(model, batch, names) -> float:
 def _plain_forward_seconds(model, calibration) -> float:
     import torch
 
-    from iteris_lab.passes import input_device, to_device
+    from iteris_lab.plumbing.passes import input_device, to_device
 
     device = input_device(model)
     _sync()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from iteris_lab.profiles import PROFILES
-from iteris_lab.adapters import load_adapter
+from iteris_lab.io.peft import load_adapter
 from iteris_lab.measure import weights_added
 from iteris_lab.tracks.harness import score_row, split_outcomes, to_json
 from iteris_lab.tracks.llm import study

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "merge_loras": "merge", "METHODS": "merge", "IterationRecord": "merge",
     "MergeSettings": "settings", "MergeResult": "result",
-    "load_adapter": "adapters", "LoraAdapter": "adapters", "LoraLayer": "adapters",
+    "load_adapter": "io.peft", "LoraAdapter": "adapters", "LoraLayer": "adapters",
     "ExportReport": "io.export", "tokenize": "io.calibration", "read_inputs": "io.calibration",
     "load_lora": "lora_formats", "read_diffusers_lora": "lora_formats", "read_kohya_lora": "lora_formats",
     "write_diffusers_lora": "lora_formats",

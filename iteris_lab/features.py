@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes import Forward, Passes, stop_rows
+from .plumbing.passes import Forward, Passes, stop_rows
 from .statistics import TaskStatistics
 from .targets import Target
 

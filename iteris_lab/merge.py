@@ -23,15 +23,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import baselines
-from .adapters import LoraAdapter, LoraLayer, check_adapters, load_adapter
+from .adapters import LoraAdapter, LoraLayer, check_adapters
+from .io.peft import load_adapter
 from .errors import AdapterError, CalibrationError, IterisError
-from .deltas import DeltaHooks
+from .plumbing.deltas import DeltaHooks
 from .features import gram_pass, paired_pass
 from .objective import LayerProblem, adaptive_weight, objective, output_energy, solve
 from .result import MergeResult, module_prefix
 from .settings import METHODS, MergeSettings
 from .statistics import Statistics, TaskStatistics, check_coverage, exact
-from .texts import text_records, tokenize_texts
+from .io.texts import text_records, tokenize_texts
 from .sweep import SweepTask, one_sweep
 from .targets import Target, resolve_names
 

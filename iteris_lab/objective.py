@@ -15,14 +15,14 @@ the exact low-rank form (section 7); it also writes the whole method in ~30 line
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
 from .adapters import LoraLayer
 from .errors import SolveError
+from .settings import LambdaVariant
 
-LambdaVariant = Literal["official", "paper", "none"]
 
 
 @dataclass

@@ -3,44 +3,54 @@
 merge_loras(model, adapters, calibration, **keywords) builds MergeSettings(**keywords); settings=MergeSettings(...)
 passes one set of choices around whole. `resolved(n)` is what the loop runs with: RegMean is one solve with λ = 1
 and α = 0 (chapter 01), the sweep is one pass (chapter 03), and the per-task weights get their default.
+
+This file imports no torch: the command line reads its choices (the `Literal`s) and defaults from here, and
+`iteris-lab --help` stays fast.
 """
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Sequence, get_args
 
-import torch
-
-from .adapters import is_number
 from .errors import IterisError
-from .objective import LambdaVariant
 
 Method = Literal["iteris", "regmean", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                  "magnitude_prune", "cat"]
-Schedule = Literal["jacobi", "sweep"]
+Schedule = Literal["sweep", "jacobi"]
+LambdaVariant = Literal["official", "paper", "none"]
 ModulePolicy = Literal["error", "intersection", "union"]
 GramDtype = Literal["float32", "float64"]
 METHODS = get_args(Method)
 SOLVED = ("iteris", "regmean")  # the methods that need calibration data; the others are data-free (baselines.py)
+JACOBI_SOLVES = 10  # max_iter when schedule="jacobi" and none is given
 _RANGES = {  # the numbers checked up front: name -> (test, what the value must be)
     "alpha": (lambda v: v >= 0, "a finite number >= 0 (the paper uses <= 1e-4)"),
     "density": (lambda v: 0 < v <= 1, "in (0, 1] (the kept fraction of each ΔW_i)"),
     "regmean_shrink": (lambda v: 0 <= v <= 1, "in [0, 1] (1 keeps the Grams as they are)"),
     "tol": (lambda v: v >= 0, "None (run every solve) or a number >= 0"),
 }
-_COUNTS = ("max_iter", "max_length", "batch_size")  # whole numbers >= 1
+_COUNTS = ("max_iter", "max_length", "batch_size")  # whole numbers >= 1 (or None: the default)
+
+
+def is_number(value) -> bool:
+    """A finite real number (bool excluded): what every numeric setting and config entry must be."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
 class MergeSettings:
     """method:      "iteris" | "regmean" | "linear" | "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" |
                  "magnitude_prune" | "cat".
-    schedule:    (iteris) "jacobi": the paper's loop, `max_iter` solves of every layer, each from a fresh pass of
-                 the previous merge; "sweep": the loop's fixed point in one pass (each layer solved as soon as the
-                 merged model's inputs for it exist; see iteris_lab.sweep) — what Jacobi reaches after J solves on
-                 a chain of J adapted layers, at about the cost of RegMean.
-    max_iter:    number of solves (iteris, jacobi). alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
+    schedule:    (iteris) "sweep" (default): the fixed point of the paper's loop in one pass — each layer solved
+                 as soon as the merged model's inputs for it exist (iteris_lab.sweep); what Jacobi reaches after J
+                 solves on a chain of J adapted layers, exactly, at about twice the cost of RegMean.
+                 "jacobi": the paper's loop, `max_iter` solves of every layer, each from a fresh pass of the
+                 previous merge (to reproduce the paper, or to watch the iterations converge).
+    max_iter:    number of solves (schedule="jacobi" only; None: 10). Given with the sweep it is refused: the
+                 sweep has no iterations to count. alpha: α of α‖M‖_F·I on C_i and G_i (iteris).
     adaptive_weights: λ_i variant: "official" (default, as the authors' code: W0 + ΔW_i in both norms),
                  "paper" (ΔW_i only) or "none".
     weights:     the user's weight of each task: a multiplier on λ_i for iteris and regmean (the official code's
@@ -50,7 +60,7 @@ class MergeSettings:
                  scale in [0, 1] (method="regmean" only; alpha is not used there).
     modules:     the policy when adapters adapt different modules: "error" (default), "intersection" or "union"
                  (a task that does not adapt a layer asks for ΔW = 0 there).
-    tol:         stop early when every layer's relative change falls below tol (jacobi).
+    tol:         stop early when every layer's relative change falls below tol (schedule="jacobi" only).
     seed:        DARE's random drops.
     max_length, batch_size, chat_template: how calibration given as texts is tokenized (iteris_lab.io.calibration
                  .tokenize): each text truncated to max_length tokens (None: 128, or the model's learned
@@ -63,8 +73,8 @@ class MergeSettings:
     """
 
     method: Method = "iteris"
-    schedule: Schedule = "jacobi"
-    max_iter: int = 10
+    schedule: Schedule = "sweep"
+    max_iter: int | None = None
     alpha: float = 1e-4
     adaptive_weights: LambdaVariant = "official"
     density: float = 0.5
@@ -102,7 +112,7 @@ class MergeSettings:
         object.__setattr__(self, "gram_dtype", dtype)
         for name in _COUNTS:
             value = getattr(self, name)
-            if value is None and name == "max_length":
+            if value is None and name in ("max_length", "max_iter"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise IterisError(f"{name} must be a whole number >= 1, got {value!r}.")
@@ -114,6 +124,12 @@ class MergeSettings:
                 raise IterisError(f"{name} must be {what}, got {value!r}.")
         if self.weights is not None:
             object.__setattr__(self, "weights", self._checked_weights(self.weights))
+        given = [f"{n}={getattr(self, n)!r}" for n in ("max_iter", "tol") if getattr(self, n) is not None]
+        if self.method == "iteris" and self.schedule == "sweep" and given:
+            verb = "count" if len(given) > 1 else "counts"
+            raise IterisError(f"{' and '.join(given)} {verb} the solves of schedule='jacobi' (the paper's loop); the "
+                              "sweep, the default schedule, reaches that loop's fixed point in one pass and has no "
+                              "solves to count. Pass schedule='jacobi' to run the loop, or leave them out.")
 
     def _checked_weights(self, weights) -> tuple[float, ...]:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
@@ -130,7 +146,10 @@ class MergeSettings:
         return weights
 
     @property
-    def gram_torch_dtype(self) -> torch.dtype:
+    def gram_torch_dtype(self):
+        """gram_dtype as a torch.dtype."""
+        import torch  # here, not at the top: the command line reads this file without torch
+
         return getattr(torch, self.gram_dtype)
 
     @property
@@ -148,8 +167,8 @@ class MergeSettings:
         settings = replace(self, weights=weights)
         if self.method == "regmean":
             settings = replace(settings, max_iter=1, adaptive_weights="none", alpha=0.0, schedule="jacobi")
-        if settings.schedule == "sweep":
-            settings = replace(settings, max_iter=1, tol=None)
+        elif settings.schedule == "jacobi" and settings.max_iter is None:
+            settings = replace(settings, max_iter=JACOBI_SOLVES)
         return settings
 
     def record(self) -> dict:

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from .deltas import DeltaHooks
+from .plumbing.deltas import DeltaHooks
 from .errors import CalibrationError
-from .passes import Forward, Passes, stop_rows
+from .plumbing.passes import Forward, Passes, stop_rows
 from .statistics import Statistics, check_reached, check_statistics
 from .targets import Target
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
-from .offload import Offload
+from .plumbing.offload import Offload
 
 
 @dataclass(frozen=True)

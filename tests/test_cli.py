@@ -1,5 +1,7 @@
 """`iteris-lab merge` on tiny models saved to a temp dir (the same from_pretrained path as hub ids)."""
 import json
+import subprocess
+import sys
 
 import pytest
 from peft import PeftModel
@@ -238,11 +240,21 @@ def test_a_truncated_export_states_its_rank_and_error(plain, capsys):
     assert 0 < error < 1 and f"rank 2 truncated, truncation error {error:.2g}" in line
 
 
-def test_settings_lists_match_the_library():
-    from iteris_lab.cli.merge import METHODS
-    from iteris_lab.settings import METHODS as LIBRARY
-
-    assert METHODS == LIBRARY
+def test_the_parser_reads_its_choices_and_defaults_from_the_settings_without_importing_torch():
+    """One place for every choice: MergeSettings' Literals and defaults, read by `iteris-lab merge` (so the CLI and
+    the API share one default schedule) without importing torch (so --help stays fast)."""
+    script = ("import sys, typing; from iteris_lab.cli import build_parser; from iteris_lab import settings as s\n"
+              "merge = build_parser()._subparsers._group_actions[0].choices['merge']\n"
+              "choices = {a.dest: tuple(a.choices) for a in merge._actions if a.choices}\n"
+              "assert choices['method'] == s.METHODS and choices['schedule'] == typing.get_args(s.Schedule)\n"
+              "assert choices['adaptive_weights'] == typing.get_args(s.LambdaVariant)\n"
+              "assert choices['modules'] == typing.get_args(s.ModulePolicy)\n"
+              "from iteris_lab.cli.merge import DEFAULTS\n"
+              "assert DEFAULTS['schedule'] == s.MergeSettings().schedule == 'sweep'\n"
+              "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_offline_hub_ids_resolve_to_the_installed_packages(monkeypatch):

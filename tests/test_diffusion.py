@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from iteris_lab.adapters import load_adapter
+from iteris_lab.io.peft import load_adapter
 from iteris_lab.features import gram_pass
 from iteris_lab.measure import weights_added
 from iteris_lab.merge import merge_loras
@@ -97,11 +97,13 @@ def test_iteris_on_a_unet_reports_every_iteration_and_leaves_it_unchanged(tmp_pa
     unet, dirs = pixel_unet_and_loras(tmp_path)
     before = {n: p.clone() for n, p in unet.state_dict().items()}
     seen = []
-    result = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], max_iter=3, progress=False,
+    result = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], schedule="jacobi", max_iter=3,
+                         progress=False,
                          on_iteration=lambda record, deltas: seen.append((record.iteration, deltas)))
     assert all(torch.equal(before[n], p) for n, p in unet.state_dict().items())
     assert [t for t, _ in seen] == [1, 2, 3]
-    two = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], max_iter=2, progress=False)
+    two = merge_loras(unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)], schedule="jacobi", max_iter=2,
+                      progress=False)
     for name, delta in two.deltas.items():
         torch.testing.assert_close(seen[1][1][name], delta)
     conv = next(n for n in result.deltas if n.endswith("conv1"))

@@ -84,8 +84,8 @@ def test_adapter_shapes_that_do_not_fit_the_base(case, tmp_path):
 def test_adapters_with_different_module_sets(case, tmp_path):
     partial = make_lora(case.model, tmp_path / "partial", ["q_proj", "v_proj"], seed=5)
     assert_fails_cleanly(case, AdapterError, "target different modules.*intersection.*union", adapters=[case.adapters[0], partial])
-    inter = merge(case, adapters=[case.adapters[0], partial], modules="intersection", max_iter=1)
-    union = merge(case, adapters=[case.adapters[0], partial], modules="union", max_iter=1)
+    inter = merge(case, adapters=[case.adapters[0], partial], modules="intersection", schedule="jacobi", max_iter=1)
+    union = merge(case, adapters=[case.adapters[0], partial], modules="union", schedule="jacobi", max_iter=1)
     assert all(n.endswith(("q_proj", "v_proj")) for n in inter.deltas)
     assert len(union.deltas) > len(inter.deltas)
 
@@ -184,7 +184,7 @@ def test_error_mid_merge_restores_the_weights(case):
             raise RuntimeError("boom")
         return model(**batch)
 
-    assert_fails_cleanly(case, RuntimeError, "boom", forward=flaky, max_iter=3)
+    assert_fails_cleanly(case, RuntimeError, "boom", forward=flaky, schedule="jacobi", max_iter=3)
 
 
 def test_apply_to_a_different_model_is_refused(case, tmp_path):

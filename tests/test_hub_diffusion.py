@@ -93,7 +93,8 @@ def test_merged_file_is_the_iteris_merge_and_loads_with_load_lora_weights(run):
     adapters = [read_diffusers_lora(root / "out" / "adapters" / c.name, pipe.unet) for c in config.concepts]
     batches = [calibration(pipe, c, encode_images(pipe, to_pixels(fake_images(c), config.resolution)), config)
                for c in config.concepts]
-    result = merge_loras(pipe.unet, adapters, batches, method="iteris", max_iter=config.max_iter, alpha=config.alpha,
+    result = merge_loras(pipe.unet, adapters, batches, method="iteris", schedule="jacobi", max_iter=config.max_iter,
+                         alpha=config.alpha,
                          seed=config.seed, progress=False)
     batch = td.unet_batch(pipe.unet, tokens=77)
     base = td.unet_output(pipe.unet, batch)

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 import iteris_lab
-from iteris_lab.deltas import DeltaHooks
+from iteris_lab.plumbing.deltas import DeltaHooks
 from iteris_lab.features import gram_pass
 from iteris_lab.targets import Target
 from tiny import TARGETS, build_tiny, merge_case, outputs, token_batches
@@ -55,7 +55,8 @@ def test_one_solve_without_weights_or_alpha_is_regmean_by_an_independent_loop(tm
         case.calibration = [token_batches("mlp", n_batches=4, batch_size=8, seed=10 + i) for i in range(3)]
     else:
         case.calibration = [token_batches("llama", n_batches=6, batch_size=4, seq_len=9, seed=10 + i) for i in range(3)]
-    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=1, alpha=0.0,
+    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=1,
+                                    alpha=0.0,
                                     adaptive_weights="none", progress=False)
     adapters = [iteris_lab.load_adapter(a) for a in case.adapters]
     names = list(result.deltas)
@@ -70,7 +71,8 @@ def test_one_solve_without_weights_or_alpha_is_regmean_by_an_independent_loop(tm
 
 def test_chain_of_j_layers_reaches_its_fixed_point_after_j_solves(tmp_path):
     case = merge_case("mlp", tmp_path, n_tasks=3)  # a chain of J = 3 adapted Linear layers
-    runs = {t: iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=t, progress=False)
+    runs = {t: iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=t,
+                                      progress=False)
             for t in (1, 2, 3, 6)}
     names = list(runs[6].deltas)
     for j, name in enumerate(names, start=1):  # layer j is final after j solves, not before
@@ -96,7 +98,7 @@ def test_padding_does_not_change_the_merge(tmp_path, kind):
                 b["labels"] = torch.cat([b["labels"], torch.full((b["labels"].shape[0], extra), -100)], 1)
             more.append(b)
         padded.append(more)
-    kwargs = dict(max_iter=2, progress=False)
+    kwargs = dict(schedule="jacobi", max_iter=2, progress=False)
     plain = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, **kwargs)
     extra = iteris_lab.merge_loras(case.model, case.adapters, padded, **kwargs)
     for name in plain.deltas:
@@ -134,7 +136,8 @@ def test_modules_reading_one_input_share_their_grams():
 def test_architectures_merge_and_export_reproduces_the_dense_merge(tmp_path, kind):
     case = merge_case(kind, tmp_path, n_tasks=2)
     before = state(case.model)
-    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=2, progress=False)
+    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=2,
+                                    progress=False)
     assert_unchanged(case.model, before)
     report = result.save_adapter(tmp_path / "merged")
     assert report.max_relative_error == 0.0
@@ -151,7 +154,7 @@ def test_three_adapters_of_different_ranks_with_rslora_export_exact_and_truncate
     adapters = [make_lora(model, tmp_path / f"a{i}", TARGETS["llama"][:4], r=r, use_rslora=rs, seed=i + 1)
                 for i, (r, rs) in enumerate([(4, False), (2, True), (6, False)])]
     calibration = [token_batches("llama", seed=20 + i) for i in range(3)]
-    result = iteris_lab.merge_loras(model, adapters, calibration, max_iter=3, progress=False)
+    result = iteris_lab.merge_loras(model, adapters, calibration, schedule="jacobi", max_iter=3, progress=False)
     assert all(B.shape[1] == 12 for B, A in result.factors.values())
     exact = result.save_adapter(tmp_path / "exact")
     assert set(exact.ranks.values()) == {12} or max(exact.ranks.values()) <= 12
@@ -186,7 +189,8 @@ def test_rslora_scale_is_read(tmp_path):
 def test_every_method_runs_and_leaves_the_model_unchanged(tmp_path, method):
     case = merge_case("llama", tmp_path, n_tasks=3)
     before = state(case.model)
-    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, method=method, max_iter=2,
+    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, method=method, schedule="jacobi",
+                                    max_iter=2,
                                     progress=False, seed=1)
     assert_unchanged(case.model, before)
     assert set(result.deltas) == {n for n, _ in case.model.named_modules() if n.endswith(tuple(TARGETS["llama"]))}
@@ -216,10 +220,12 @@ def test_dare_is_reproducible_from_its_seed(tmp_path):
 
 def test_bf16_base_merges_with_float32_grams(tmp_path):
     case = merge_case("llama", tmp_path, n_tasks=2)
-    reference = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=1, progress=False)
+    reference = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=1,
+                                       progress=False)
     half = copy.deepcopy(case.model).to(torch.bfloat16)
     before = state(half)
-    result = iteris_lab.merge_loras(half, case.adapters, case.calibration, max_iter=1, progress=False)
+    result = iteris_lab.merge_loras(half, case.adapters, case.calibration, schedule="jacobi", max_iter=1,
+                                    progress=False)
     assert_unchanged(half, before)
     for name, delta in result.deltas.items():
         assert delta.dtype == torch.float32
@@ -228,7 +234,8 @@ def test_bf16_base_merges_with_float32_grams(tmp_path):
 
 def test_history_records_weights_objective_drift(tmp_path):
     case = merge_case("llama", tmp_path, n_tasks=2)
-    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=3, progress=False)
+    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=3,
+                                    progress=False)
     first, last = result.history[0], result.history[-1]
     name = next(iter(result.deltas))
     assert len(first.lambdas[name]) == 2 and all(w > 0 for w in first.lambdas[name])
@@ -245,7 +252,7 @@ def test_float64_statistics_match_an_exact_solve_where_float32_ones_do_not(tmp_p
     amplifies float32 rounding of the statistics; gram_dtype="float64" removes it."""
     case = merge_case("llama", tmp_path, n_tasks=2, targets=["q_proj", "v_proj"])
     case.calibration = [token_batches("llama", n_batches=1, batch_size=2, seq_len=5, seed=30 + i) for i in range(2)]
-    kwargs = dict(max_iter=1, alpha=1e-7, adaptive_weights="none", progress=False)
+    kwargs = dict(schedule="jacobi", max_iter=1, alpha=1e-7, adaptive_weights="none", progress=False)
     single = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, **kwargs)
     double = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, gram_dtype="float64", **kwargs)
     adapters = [iteris_lab.load_adapter(a) for a in case.adapters]

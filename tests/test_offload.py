@@ -30,8 +30,8 @@ def offloaded(tmp_path):
     return case, model, tmp_path
 
 
-@pytest.mark.parametrize("spec", [dict(schedule="sweep"), dict(max_iter=3), dict(method="regmean"),
-                                  dict(max_iter=2, adaptive_weights="paper")])
+@pytest.mark.parametrize("spec", [dict(schedule="sweep"), dict(schedule="jacobi", max_iter=3), dict(method="regmean"),
+                                  dict(schedule="jacobi", max_iter=2, adaptive_weights="paper")])
 def test_an_offloaded_model_merges_as_the_model_in_memory(offloaded, spec):
     case, model, tmp_path = offloaded
     on_disk = digest(tmp_path / "base") | digest(tmp_path / "off")

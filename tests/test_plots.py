@@ -15,7 +15,8 @@ from tiny import merge_case
 def history(tmp_path_factory):
     """IterIS on the tiny MLP (3 adapted Linear layers "0", "2", "4"), 2 tasks, 3 solves."""
     case = merge_case("mlp", tmp_path_factory.mktemp("plots"), n_tasks=2)
-    return merge_loras(case.model, case.adapters, case.calibration, max_iter=3, progress=False).history
+    return merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=3,
+                       progress=False).history
 
 
 def _gram(n=12, seed=0):

@@ -12,7 +12,8 @@ from tiny import ALL_LLAMA, make_lora, merge_case, relative_distance, token_batc
 
 def assert_sweep_is_the_fixed_point(model, adapters, calibration, **kwargs):
     sweep = iteris_lab.merge_loras(model, adapters, calibration, schedule="sweep", progress=False, **kwargs)
-    jacobi = iteris_lab.merge_loras(model, adapters, calibration, max_iter=30, progress=False, **kwargs)
+    jacobi = iteris_lab.merge_loras(model, adapters, calibration, schedule="jacobi", max_iter=30, progress=False,
+                                    **kwargs)
     assert max(jacobi.history[-1].change.values()) < 1e-5  # Jacobi itself has converged (float32 noise floor)
     assert relative_distance(sweep.deltas, jacobi.deltas) <= 1e-5
     # λ and the objective are recorded as Jacobi records them (its last solve is at the same point)
@@ -24,7 +25,8 @@ def assert_sweep_is_the_fixed_point(model, adapters, calibration, **kwargs):
         assert record.merged_objective[name] == record.objective[name]
         assert record.drift[name] == pytest.approx(last.drift[name], rel=1e-4, abs=1e-7)
     # and it is not the first solve: the merged model's features matter on these models
-    first = iteris_lab.merge_loras(model, adapters, calibration, max_iter=1, progress=False, **kwargs)
+    first = iteris_lab.merge_loras(model, adapters, calibration, schedule="jacobi", max_iter=1, progress=False,
+                                   **kwargs)
     assert relative_distance(first.deltas, jacobi.deltas) > 1e-3
     return sweep
 
@@ -64,7 +66,8 @@ def test_sweep_refuses_a_module_that_runs_twice_in_one_pass(tmp_path):
         iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="sweep", progress=False,
                                forward=lambda model, batch: model(batch) + model(batch))
     # Jacobi sums both calls' rows and merges
-    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, max_iter=2, progress=False,
+    result = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi", max_iter=2,
+                                    progress=False,
                                     forward=lambda model, batch: model(batch) + model(batch))
     assert all(torch.isfinite(d).all() for d in result.deltas.values())
 

@@ -26,17 +26,20 @@ def llama_texts(tiny_case, tmp_path):
 
 def test_texts_merge_exactly_as_the_batches_tokenize_makes_of_them(llama_texts):
     case, tokenizer, texts = llama_texts
-    by_texts = iteris_lab.merge_loras(case.model, case.adapters, texts, tokenizer=tokenizer, max_iter=2,
+    by_texts = iteris_lab.merge_loras(case.model, case.adapters, texts, tokenizer=tokenizer, schedule="jacobi",
+                                      max_iter=2,
                                       batch_size=2, max_length=6, progress=False)
     records = [[{"text": t, "target": None} for t in task] for task in texts]
     batches = [tokenize(tokenizer, r, batch_size=2, max_length=6) for r in records]
     assert max(b["input_ids"].shape[1] for task in batches for b in task) == 6  # max_length truncated something
-    by_batches = iteris_lab.merge_loras(case.model, case.adapters, batches, max_iter=2, progress=False)
+    by_batches = iteris_lab.merge_loras(case.model, case.adapters, batches, schedule="jacobi", max_iter=2,
+                                        progress=False)
     assert all(torch.equal(by_texts.deltas[n], by_batches.deltas[n]) for n in by_batches.deltas)
     assert by_texts.settings["max_length"] == 6 and by_texts.settings["batch_size"] == 2
     assert by_texts.settings["calibration_texts"] == [5, 5]
     # a different max_length changes what the merge sees: the setting takes effect
-    longer = iteris_lab.merge_loras(case.model, case.adapters, texts, tokenizer=tokenizer, max_iter=2,
+    longer = iteris_lab.merge_loras(case.model, case.adapters, texts, tokenizer=tokenizer, schedule="jacobi",
+                                    max_iter=2,
                                     batch_size=2, max_length=12, progress=False)
     assert any(not torch.allclose(longer.deltas[n], by_texts.deltas[n]) for n in longer.deltas)
 

@@ -39,7 +39,7 @@ def _check_compare_args(args) -> None:
 
 
 def cmd_compare(args) -> dict:
-    from ..adapters import load_adapter
+    from ..io.peft import load_adapter
     from ..io.destination import write_text
     from ..tracks.own import compare
     from ..io.base_model import load_base, resolve_base

@@ -11,18 +11,18 @@ import json
 import time
 from pathlib import Path
 
+from dataclasses import fields
+from typing import get_args
+
 from ..errors import IterisError
 from ..io.base_model import task_of  # noqa: F401  (kept importable from here)
+from ..settings import JACOBI_SOLVES, METHODS, GramDtype, LambdaVariant, MergeSettings, ModulePolicy, Schedule
 from . import notes
 from .options import finite_float, fraction, non_negative, positive_int
 
-# settings.METHODS, spelled out so that `--help` needs no torch (tests/test_cli.py checks they agree)
-METHODS = ("iteris", "regmean", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-           "cat")
-DEFAULTS = dict(method="iteris", schedule="sweep", max_iter=10, gram_dtype="float32", alpha=1e-4,
-                adaptive_weights="official", weights=None, density=0.5, regmean_shrink=0.9, modules="error", tol=None,
-                seed=0, rank=None, batch_size=8, max_length=128, chat_template=False, encoding="utf-8",
-                dtype="float32", base=None, adapters=None, calibration=None)
+# MergeSettings' defaults (settings.py imports no torch, so --help stays fast), and the command's own options
+DEFAULTS = {f.name: f.default for f in fields(MergeSettings)} | dict(
+    max_length=128, rank=None, encoding="utf-8", dtype="float32", base=None, adapters=None, calibration=None)
 
 
 CARD_FILES = ("README.md",)  # the model card cmd_merge writes beside the adapter and report
@@ -44,7 +44,6 @@ def _local_base(base) -> list[str]:
 def _check_merge_args(args) -> None:
     """Everything that can be checked before loading anything slow."""
     from ..io.destination import ADAPTER_FILES, REPORT_FILES, check_destination
-    from ..merge import METHODS
 
     # the destination rule up front: --out is no input, is writable, not locked, replaceable with --overwrite;
     # `produces` must list what cmd_merge writes (the adapter, and the report as an extra file)
@@ -155,7 +154,7 @@ def _provenance(args, result, records, batches, rank, export_plan, timings) -> d
 
 
 def cmd_merge(args) -> dict:
-    from ..adapters import load_adapter
+    from ..io.peft import load_adapter
     from ..io.base_model import base_config, resolve_base
     from ..io.export import lora_factors
     from ..merge import merge_loras
@@ -174,7 +173,8 @@ def cmd_merge(args) -> dict:
     model, tokenizer = load_base(spec, task_type, args.dtype, quiet=args.quiet)
     loaded = time.perf_counter()
     batches = _tokenize(args, model, tokenizer, records)
-    settings = {k: getattr(args, k) for k in notes.SETTINGS}
+    unused = notes.unused(args.method, args.given, args.schedule)  # named in the note above, not passed on
+    settings = {k: getattr(args, k) for k in notes.SETTINGS if k not in unused}
     result = merge_loras(model, adapters, batches or None, progress=not args.quiet, **settings)
     result.base_model = spec.recorded  # the adapters' base id, not a local path or cache folder
     result.task_type = task_type  # what the model was loaded as: the exported keys fit that Auto class
@@ -220,25 +220,26 @@ def add_parser(sub) -> None:
                             "({'text': ..., 'target': ...} per line) or .json (an array)")
     merge.add_argument("--method", choices=METHODS,
                        help="iteris (default) and regmean need --calibration; the others are data-free")
-    merge.add_argument("--schedule", choices=("sweep", "jacobi"),
+    merge.add_argument("--schedule", choices=get_args(Schedule),
                        help="iteris: 'sweep' (default) solves each layer once, from the merged model's own inputs: "
                             "the fixed point of the paper's loop in one pass; 'jacobi' runs the paper's --max-iter "
                             "solves")
     merge.add_argument("--max-iter", type=positive_int,
-                       help=f"IterIS solves with --schedule jacobi (default {d['max_iter']})")
-    merge.add_argument("--gram-dtype", choices=("float32", "float64"),
+                       help=f"IterIS solves with --schedule jacobi (default {JACOBI_SOLVES})")
+    merge.add_argument("--gram-dtype", choices=get_args(GramDtype),
                        help="precision of the feature statistics (float64 for tiny --alpha with few samples)")
-    merge.add_argument("--alpha", type=non_negative, help="regularizer α of α‖M‖_F·I (default 1e-4)")
-    merge.add_argument("--adaptive-weights", choices=("official", "paper", "none"),
+    merge.add_argument("--alpha", type=non_negative, help=f"regularizer α of α‖M‖_F·I (default {d['alpha']:g})")
+    merge.add_argument("--adaptive-weights", choices=get_args(LambdaVariant),
                        help="iteris λ_i: 'official' (default; authors' code: W0 + ΔW_i), 'paper' (ΔW_i) or 'none'")
     merge.add_argument("--weights", type=finite_float, nargs="+",
                        help="per-adapter multipliers (on λ_i for iteris/regmean, >= 0) or mixing weights")
     merge.add_argument("--density", type=fraction,
-                       help="kept fraction in (0, 1] for ties/dare/magnitude_prune (default 0.5)")
-    merge.add_argument("--modules", choices=("error", "intersection", "union"),
+                       help=f"kept fraction in (0, 1] for ties/dare/magnitude_prune (default {d['density']:g})")
+    merge.add_argument("--modules", choices=get_args(ModulePolicy),
                        help="when adapters adapt different modules: refuse (default), merge the common ones, or all")
     merge.add_argument("--rank", type=positive_int, help="truncate the merged adapter to this rank (default: exact)")
-    merge.add_argument("--batch-size", type=positive_int, help="calibration texts per batch (default 8)")
+    merge.add_argument("--batch-size", type=positive_int,
+                       help=f"calibration texts per batch (default {d['batch_size']})")
     merge.add_argument("--max-length", type=positive_int,
                        help="calibration texts are truncated to this many tokens (default 128)")
     merge.add_argument("--chat-template", action="store_true",

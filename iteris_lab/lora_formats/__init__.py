@@ -1,6 +1,6 @@
 """LoRA files of the diffusers and kohya ecosystems read as LoraAdapter, and a merge written back as a diffusers file.
 
-    PEFT folder     adapter_config.json + adapter_model.safetensors            -> adapters.load_adapter
+    PEFT folder     adapter_config.json + adapter_model.safetensors            -> io.peft.load_adapter
     diffusers file  pytorch_lora_weights.safetensors, as written by StableDiffusionPipeline.save_lora_weights
                     ("unet.<module>.lora_A.weight") or ModelMixin.save_lora_adapter (no prefix); older files use
                     "<module>.lora.down.weight" / ".lora.up.weight" or "<attn>.processor.to_q_lora.down.weight"
@@ -25,7 +25,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters import LoraAdapter, load_adapter
+from ..adapters import LoraAdapter
+
+from ..io.peft import load_adapter
 from ..errors import AdapterError
 from .diffusers import COMPONENTS, METADATA_KEY, read_diffusers_lora, write_diffusers_lora
 from .files import KOHYA_PREFIXES, WEIGHT_NAMES, is_kohya, lora_file, read_state

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import LoraAdapter, check_config, lora_layers, scale_of
+from ..adapters import LoraAdapter
+
+from ..io.peft import check_config, lora_layers, scale_of
 from ..errors import AdapterError, ExportError
 from ..io.destination import check_destination, write_file
 from ..io.export import ExportReport, check_finite, lora_factors, lora_tensors

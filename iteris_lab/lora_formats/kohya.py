@@ -6,7 +6,9 @@ import re
 
 from torch import nn
 
-from ..adapters import LoraAdapter, lora_layers
+from ..adapters import LoraAdapter
+
+from ..io.peft import lora_layers
 from ..errors import AdapterError
 from .files import KOHYA_PREFIXES, WHICH, check_keys, fit_to_model, lora_file, read_state, refuse_others
 

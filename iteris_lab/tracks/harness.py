@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import load_adapter
+from ..io.peft import load_adapter
 from ..errors import IterisError
 from ..measure import PairedDifference, PeakMemory, paired_difference, weights_added
 from ..merge import merge_loras

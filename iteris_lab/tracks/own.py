@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import LoraAdapter, load_adapter
+from ..adapters import LoraAdapter
+
+from ..io.peft import load_adapter
 from ..errors import AdapterError, CalibrationError, IterisError
 from ..measure import paired_difference, weights_added
 from .harness import References, Track, markdown_table, references

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ...adapters import load_adapter
+from ...io.peft import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
 from ...paths import missing_data

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ...adapters import load_adapter
+from ...io.peft import load_adapter
 from ...profiles import Profile, current_profile
 from .. import harness
 from ..llm.tasks import Task, encode_prompts

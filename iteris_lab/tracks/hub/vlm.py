@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ...adapters import load_adapter
+from ...io.peft import load_adapter
 from ...profiles import Profile, current_profile
 from .. import harness
 from ..llm.training import fit

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ...adapters import load_adapter
+from ...io.peft import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
 from ...measure import PairedDifference, mcnemar_p

@@ -176,7 +176,7 @@ class SentimentJudge:
     positive and negative logits, since a caption asked for a style is judged positive versus negative."""
 
     def __init__(self, adapter_dir: str | Path | None = None, polar: bool = True, batch_size: int = 64):
-        from ...adapters import load_adapter
+        from ...io.peft import load_adapter
         from ...measure import weights_added
         from ..llm.track import shipped_adapters
         from ..llm.evaluate import apply_head, head_labels, load_head

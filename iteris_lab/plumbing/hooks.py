@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .targets import Target
+    from ..targets import Target
 
 
 class TargetHooks:

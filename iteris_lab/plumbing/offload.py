@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 
 class Offload:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 _FIELDS = {"text", "target"}
 DEFAULT_MAX_LENGTH = 128
@@ -71,8 +71,8 @@ def tokenize_texts(model, tokenizer, texts: list[list[dict]], settings) -> list[
     """Per task, padded batches of its texts (iteris_lab.io.calibration.tokenize, which leaves the user's tokenizer
     as it was) with the settings' max_length (clamped to the model's learned positions, with a warning when the
     user chose it), batch_size and chat_template."""
-    from .io.base_model import position_limit
-    from .io.calibration import tokenize
+    from .base_model import position_limit
+    from .calibration import tokenize
 
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     max_length = settings.max_length or DEFAULT_MAX_LENGTH

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import LoraLayer
+from ..adapters import LoraLayer
 from .hooks import TargetHooks, layer_input
-from .targets import Target
+from ..targets import Target
 
 
 class DeltaHooks(TargetHooks):

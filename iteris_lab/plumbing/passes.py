@@ -22,11 +22,11 @@ import torch
 from greenlet import greenlet, getcurrent
 from torch import nn
 
-from .errors import CalibrationError
-from .rows import batch_masks, mask_keys
-from .statistics import InputSharing, real_rows
+from ..errors import CalibrationError
+from ..rows import batch_masks, mask_keys
+from ..statistics import InputSharing, real_rows
 from .hooks import TargetHooks, layer_input
-from .targets import Target
+from ..targets import Target
 
 Forward = Callable[[nn.Module, object], object]
 _AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d))
