@@ -31,7 +31,7 @@ What each holds in memory:
 - the sweep: the statistics of one layer at a time, plus the live activations of every calibration batch at the
   current depth, twice (task pass and merged pass) — the same trade GPTQ-style layer-wise calibrators make when
   they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. The
-  passes are greenlets ([iteris_lab/passes.py](../iteris_lab/passes.py)): coroutines in the caller's thread, so a
+  passes are greenlets ([iteris_lab/plumbing/passes.py](../iteris_lab/plumbing/passes.py)): coroutines in the caller's thread, so a
   paused pass holds its activations and nothing per thread. The *floor* column of the scaling table is what an exact
   sweep must hold: the bytes one pass keeps alive at its worst stop (every tensor the garbage collector sees there
   that is not a parameter, measured per token on one batch) × the calibration tokens × 2 roles.
