@@ -47,7 +47,7 @@ def test_calibration_count_differs_from_adapter_count(case):
     assert_fails_cleanly(case, CalibrationError, "calibration for 1 tasks but 2 adapters", calibration=case.calibration[:1])
 
 
-def test_missing_calibration(case):
+def test_missing_calibration_is_refused(case):
     assert_fails_cleanly(case, CalibrationError, "need calibration", calibration=None)
 
 
@@ -56,11 +56,11 @@ def test_task_with_only_padding(case):
     assert_fails_cleanly(case, CalibrationError, "task 1: no real tokens", calibration=[case.calibration[0], dead])
 
 
-def test_empty_task(case):
+def test_an_empty_task_is_refused_naming_the_task(case):
     assert_fails_cleanly(case, CalibrationError, "task 1: the calibration data is empty", calibration=[case.calibration[0], []])
 
 
-def test_non_finite_features(tmp_path):
+def test_nan_features_are_refused_naming_the_task_and_layer(tmp_path):
     case = merge_case("mlp", tmp_path, n_tasks=2)
     bad = [b.clone() for b in case.calibration[1]]
     bad[0][0, 0] = float("nan")
@@ -126,7 +126,7 @@ def test_model_that_already_has_adapters(case):
     ({"method": "average"}, "unknown method"), ({"max_iter": 0}, "max_iter"), ({"alpha": -1.0}, "alpha"),
     ({"adaptive_weights": "magic"}, "adaptive_weights"), ({"density": 0.0}, "density"),
     ({"modules": "some"}, "modules"), ({"weights": [1.0]}, "1 weights for 2 adapters")])
-def test_bad_settings(case, kwargs, match):
+def test_bad_settings_are_refused_before_any_work(case, kwargs, match):
     assert_fails_cleanly(case, IterisError, match, **kwargs)
 
 

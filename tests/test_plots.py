@@ -33,7 +33,7 @@ def test_short_names_drop_the_shared_prefix():
         plots.task_labels(["a"], 2)
 
 
-def test_covariance_heatmap():
+def test_covariance_heatmap_saturates_only_the_largest_entries():
     g = _gram()
     fig = plots.plot_covariance(g, title="layer 0")
     assert isinstance(fig, Figure) and fig.axes[0].get_title() == "layer 0"
@@ -94,7 +94,7 @@ def test_drift_plot_one_line_per_iteration(history):
     assert "(b)" in ax.get_title() and "depth" in ax.get_xlabel()
 
 
-def test_change_plot(history):
+def test_change_plot_shows_the_max_over_layers_on_a_log_scale(history):
     ax = plots.plot_change(history).axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     top = lines["max over layers"]

@@ -162,7 +162,7 @@ def test_4_tied_lm_head_is_refused_by_apply_to_and_untie_matches_the_adapter(tmp
     assert torch.allclose(outputs(untied, batch), outputs(loaded, batch), atol=1e-4)
 
 
-def test_4_two_linears_sharing_one_parameter(tmp_path):
+def test_4_two_linears_sharing_one_parameter_are_refused_by_apply_to_unless_untied(tmp_path):
     model = build_tiny("mlp")
     shared = torch.nn.Sequential(model[0], model[1], model[2], torch.nn.ReLU(), torch.nn.Linear(16, 16), model[3],
                                  model[4])
@@ -276,7 +276,7 @@ def test_6_a_non_finite_merge_is_never_written(case, tmp_path):
     (["not", "a", "dict"], "holds a list, not a JSON object"),
     ({"peft_type": "LORA", "lora_alpha": "8"}, "lora_alpha .* '8'; it must be a finite number"),
     ({"peft_type": "LORA", "lora_alpha": 8, "alpha_pattern": {"q_proj": "x"}}, "alpha_pattern .* numbers")])
-def test_8_bad_adapter_configs(case, tmp_path, config, match):
+def test_8_bad_adapter_configs_are_refused_naming_the_field(case, tmp_path, config, match):
     odd = tmp_path / "odd"
     shutil.copytree(case.adapters[1], odd)
     (odd / "adapter_config.json").write_text(json.dumps(config))
@@ -285,7 +285,7 @@ def test_8_bad_adapter_configs(case, tmp_path, config, match):
 
 
 @pytest.mark.parametrize("as_", [str, Path])
-def test_8_a_single_path_instead_of_a_list(case, as_):
+def test_8_a_single_path_instead_of_a_list_is_refused_with_the_fix(case, as_):
     with pytest.raises(AdapterError, match="list of adapter folders.*Pass adapters=\\[folder_a, folder_b\\]"):
         merge(case.model, as_(case.adapters[0]))
 
@@ -307,7 +307,7 @@ def test_8_dataloader_batches_of_one_tensor_are_accepted(tmp_path):
     ({"alpha": "1e-4"}, "alpha must be a finite number"),
     ({"weights": [1.0, -1.0]}, "must be >= 0.*task_arithmetic"), ({"weights": [float("nan"), 1.0]}, "finite"),
     ({"weights": [0.0, 0.0]}, "all weights are 0"), ({"weights": "11"}, "list of numbers, one per adapter")])
-def test_8_bad_alpha_and_weights(case, kwargs, match):
+def test_8_bad_alpha_and_weights_are_refused(case, kwargs, match):
     with pytest.raises(IterisError, match=match):
         merge(case.model, case.adapters, case.calibration, method="iteris", **kwargs)
 

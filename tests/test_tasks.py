@@ -124,7 +124,7 @@ def test_training_batch_puts_loss_on_the_answer_only(tokenizer):
         assert torch.equal(ids[:mask.sum()][-on.sum():], labels[on])
 
 
-def test_bad_names_are_errors():
+def test_unknown_task_kinds_splits_and_tracks_are_refused():
     with pytest.raises(ValueError, match="unknown task kind"):
         Task("x", "regression", (), (), (), ())
     with pytest.raises(ValueError, match="unknown split"):

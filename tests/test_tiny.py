@@ -49,7 +49,7 @@ def test_token_batches_are_right_padded(kind):
     assert (unpadded["attention_mask"] == 1).all()
 
 
-def test_tensor_batches():
+def test_token_batches_have_the_requested_shapes():
     assert token_batches("mlp")[0].shape == (3, 8)
     assert token_batches("conv", n_batches=1, batch_size=2)[0].shape == (2, 3, 8, 8)
 
@@ -98,7 +98,7 @@ def test_save_tiny_round_trips(kind, tiny_dir):
     assert not reloaded.training
 
 
-def test_tiny_case(tiny_case):
+def test_tiny_case_gives_distinct_task_loras_and_their_calibration(tiny_case):
     case = tiny_case("gpt2", n_tasks=3, targets=["c_attn"])
     assert len(case.adapters) == len(case.calibration) == 3 and len(set(case.adapters)) == 3
     outs = [outputs(PeftModel.from_pretrained(copy.deepcopy(case.model), p), case.calibration[0][0])
