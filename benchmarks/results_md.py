@@ -70,9 +70,17 @@ def section(name: str, out: dict, run: str) -> str:
     env, rows = out["environment"], out["results"]
     by = {r["label"]: r for r in rows}
     tasks = ", ".join(f"{t} ({v['evaluated']} test examples)" for t, v in out["tasks"].items())
+    run_time = f"whole run {out['seconds'] / 60:.1f} min"
+    if "validation_from" in out:  # benchmarks/llm_outcomes.py: test rows re-measured, validation kept
+        earlier = out["validation_from"]
+        load = out.get("load_average_start")
+        run_time = (f"test rows re-measured with per-example outcomes in {out['seconds'] / 60:.1f} min"
+                    + (f" (load average {load[0]:.1f} at the start)" if load else "") + f", finished "
+                    f"{out.get('finished', '?')}; IterIS settings from the validation grid of an earlier run "
+                    f"({earlier['seconds'] / 60:.1f} min)")
     lines = [f"## {TITLES.get(name, name)}", "",
              f"Profile `{out['profile']}`; {env['device']}, {env['cpu_count']} cores, torch {env['torch']}, "
-             f"transformers {env['transformers']}, peft {env['peft']}; whole run {out['seconds'] / 60:.1f} min.",
+             f"transformers {env['transformers']}, peft {env['peft']}; {run_time}.",
              f"Tasks: {tasks}.", ""]
     if "iteris_chosen" in out:
         chosen = out["iteris_chosen"]
