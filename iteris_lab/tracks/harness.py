@@ -355,12 +355,16 @@ def run_columns(unit: str = "task", zero: str = "0", memory: bool = True) -> lis
     return columns
 
 
-def accuracy_columns(rows: list[dict]) -> list[Column]:
-    """Accuracy per task, mean accuracy, mean normalized accuracy, then run_columns()."""
+def task_columns(rows: list[dict]) -> list[Column]:
+    """The method, accuracy per task and the mean accuracy."""
     return [("method", lambda r: r["label"]),
             *((t, lambda r, t=t: f"{r['accuracy'][t]:.3f}") for t in rows[0]["accuracy"]),
-            ("mean acc", lambda r: f"{r['mean_accuracy']:.3f}"),
-            ("mean norm.", lambda r: f"{r['mean_normalized']:.3f}"), *run_columns()]
+            ("mean acc", lambda r: f"{r['mean_accuracy']:.3f}")]
+
+
+def accuracy_columns(rows: list[dict]) -> list[Column]:
+    """task_columns, mean normalized accuracy, then run_columns()."""
+    return [*task_columns(rows), ("mean norm.", lambda r: f"{r['mean_normalized']:.3f}"), *run_columns()]
 
 
 def markdown_table(rows: list[dict], columns: Callable[[list[dict]], list[Column]] = accuracy_columns) -> str:
