@@ -196,3 +196,12 @@ def test_the_demo_prints_and_writes_each_rows_interval_and_its_paired_difference
         r["label"] = "lora:airline_sentiment" if r["method"] == "lora" else "task_arithmetic"
     lines = intervals.results_tables(wide).splitlines()
     assert max(len(li) for li in lines) <= 100, max(lines, key=len)
+
+
+def test_environment_gives_the_keys_asked_in_their_order_and_no_commit_outside_git(tmp_path):
+    from iteris_lab.tracks.environment import PROBES
+
+    keys = ("date", "commit", "python", "load_average_at_start")
+    env = harness.environment(keys, root=tmp_path)
+    assert tuple(env) == keys and env["commit"] is None and len(env["load_average_at_start"]) == 3
+    assert set(harness.environment()) < set(PROBES) and "torch_threads" in harness.environment()

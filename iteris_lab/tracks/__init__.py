@@ -2,6 +2,7 @@
 
     harness.py   the benchmark harness: base, each LoRA and every merge scored on the same test sets
     intervals.py 95 % intervals on the accuracy tracks' result table (demo, bench)
+    environment.py  what a result was measured with (versions, device, load, commit), one probe per JSON key
     llm/         MiniLM (encoder + task heads) and SmolLM2 (causal LM) on tweet and arithmetic tasks
     vlm/         a small offline LLaVA (SmolLM2 + a tiny SigLIP) captioning digits in two styles
     diffusion/   a small offline text-to-image UNet drawing digits with two concept LoRAs

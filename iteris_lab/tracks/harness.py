@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +43,7 @@ from ..errors import IterisError
 from ..measure import PairedDifference, PeakMemory, paired_difference, weights_added
 from ..merge import merge_loras
 from ..profiles import Profile
+from .environment import environment  # noqa: F401  (every track's JSON imports it from here)
 
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
                 "iteris_sweep")
@@ -385,12 +385,3 @@ def to_json(out: dict, indent: int = 1) -> str:
     # so only such lists are joined and strings are never touched.
     text = json.dumps(out, indent=indent)
     return re.sub(r"\[\n[-+\d.,eE\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
-
-
-def environment() -> dict:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
