@@ -192,7 +192,8 @@ def test_the_demo_prints_and_writes_each_rows_interval_and_its_paired_difference
     tasks = dict(zip(track.tasks, ("airline_sentiment", "apple_sentiment", "topic")))
     wide = [{**r, "accuracy": {tasks[t]: v for t, v in r["accuracy"].items()}, "merge_seconds": 12345.6,
              "peak_memory_mb": 123456, "calibration_samples": 5000} for r in rows]
-    for r in wide[:-1]:  # all but the reference row, iteris
+    assert wide[-1]["label"] == "iteris"
+    for r in wide[:-1]:  # all but the reference row
         r["label"] = "lora:airline_sentiment" if r["method"] == "lora" else "task_arithmetic"
     lines = intervals.results_tables(wide).splitlines()
     assert max(len(li) for li in lines) <= 100, max(lines, key=len)
