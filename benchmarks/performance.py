@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -342,14 +341,10 @@ def gpu7b_section(jacobi_iters: int) -> dict:
 
 
 def environment() -> dict:
-    import torch
+    from iteris_lab.tracks.environment import environment as probe
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "load_average_at_start": os.getloadavg(), "commit": commit.stdout.strip() or None,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    return probe(("python", "torch", "cpu_count", "machine", "processor", "load_average_at_start", "commit", "device",
+                  "date"), root=ROOT)
 
 
 def main(argv=None) -> int:

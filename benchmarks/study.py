@@ -22,6 +22,7 @@ import torch
 from iteris_lab.profiles import PROFILES
 from iteris_lab.io.peft import load_adapter
 from iteris_lab.measure import weights_added
+from iteris_lab.tracks.environment import environment as harness_environment
 from iteris_lab.tracks.harness import score_row, split_outcomes, to_json
 from iteris_lab.tracks.llm import study
 
@@ -62,14 +63,8 @@ def spec(label: str, iteris: dict, samples: int) -> dict:
 
 
 def environment() -> dict:
-    import platform
-
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    # torch_threads is written next to it (main), so not repeated inside
+    return harness_environment(("python", "torch", "transformers", "peft", "cpu_count", "device"))
 
 
 def log(*args) -> None:

@@ -8,15 +8,13 @@ from peft import PeftModel
 
 from iteris_lab.cli import build_parser, main
 from iteris_lab.cli.merge import load_base
-from tiny import TARGETS, WORDS, make_lora, save_tiny, save_tokenizer
+from tiny import TARGETS, WORDS, make_lora, saved_model
 
 @pytest.fixture(params=["llama", "t5"])
 def setup(request, tmp_path):
     kind = request.param
-    base = save_tiny(kind, tmp_path / "base")
-    save_tokenizer(base)
+    base, model = saved_model(kind, tmp_path / "base")
     task_type = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
-    model, _ = load_base(base, task_type)
     adapters = [make_lora(model, tmp_path / f"a{i}", TARGETS[kind][:3], seed=i + 1, task_type=task_type) for i in range(3)]
     files = []
     for i in range(3):
@@ -69,9 +67,7 @@ def test_every_subcommand_has_help(command, capsys):
 @pytest.fixture
 def plain(tmp_path):
     """A llama base folder and two adapters saved without task_type (PEFT's default), and calibration files."""
-    base = save_tiny("llama", tmp_path / "base")
-    save_tokenizer(base)
-    model, _ = load_base(base, "CAUSAL_LM")
+    base, model = saved_model("llama", tmp_path / "base")
     adapters = [make_lora(model, tmp_path / f"a{i}", ["q_proj", "v_proj"], seed=i + 1) for i in range(2)]
     files = []
     for i in range(2):

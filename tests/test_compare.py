@@ -15,7 +15,7 @@ import torch
 import iteris_lab
 from iteris_lab import IterisError
 from iteris_lab.tracks.own import compare
-from tiny import WORDS, load_tiny, make_lora, save_tiny, save_tokenizer
+from tiny import WORDS, make_lora, saved_model
 
 COMMAND = [str(Path(sys.executable).with_name("iteris-lab"))]
 
@@ -26,9 +26,7 @@ def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("compare")
-    base = save_tiny("llama", root / "base")
-    save_tokenizer(base)
-    model = load_tiny("llama", base)
+    base, model = saved_model("llama", root / "base")
     adapters = [make_lora(model, root / f"task_{i}", ["q_proj", "v_proj", "up_proj"], seed=i + 1,
                           task_type="CAUSAL_LM") for i in range(2)]
     rng = random.Random(0)

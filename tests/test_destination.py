@@ -21,7 +21,7 @@ import iteris_lab
 from iteris_lab import AdapterError, ExportError, merge_loras, read_diffusers_lora, write_diffusers_lora
 from iteris_lab.cli import main
 from iteris_lab.io import destination
-from tiny import build_tiny, make_lora, merge_case, outputs, save_tiny, save_tokenizer, token_batches
+from tiny import build_tiny, make_lora, merge_case, outputs, saved_model, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -393,9 +393,7 @@ def cli_case(tmp_path, monkeypatch):
     """A llama base folder, two adapters, and a load_base that fails the test if the CLI gets that far."""
     import iteris_lab.cli.merge as cli
 
-    base = save_tiny("llama", tmp_path / "base")
-    save_tokenizer(base)
-    model = build_tiny("llama")
+    base, model = saved_model("llama", tmp_path / "base")
     adapters = [make_lora(model, tmp_path / f"a{i}", ["q_proj", "v_proj"], seed=i + 1) for i in range(2)]
 
     def never(*args, **kwargs):

@@ -155,3 +155,54 @@ def test_results_json_keeps_each_outcome_list_on_one_line_and_reads_back_equal()
     text = harness.to_json(out)
     assert json.loads(text) == out
     assert '"correct": [1, 0, 1]' in text and '"score": [0.5, -1e-05]' in text
+
+
+def test_the_demo_prints_and_writes_each_rows_interval_and_its_paired_difference_from_iteris(
+        track, tmp_path, monkeypatch, capsys):
+    from functools import partial
+
+    from iteris_lab.tracks import intervals
+
+    monkeypatch.setenv("ITERIS_PROFILE", "ci")
+    monkeypatch.setattr(llm_track, "load_track", lambda model: track)
+    monkeypatch.setattr(llm_track, "run_methods", partial(harness.run_methods, labels=("linear", "iteris")))
+    llm_track.run_demo(json_path=tmp_path / "results.json", quiet=True)
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    by = {r["label"]: r for r in rows}
+    scale = harness.own_scale(rows)
+    for row in rows:  # the interval the table shows is harness.mean_interval's, around the row's mean
+        want = harness.mean_interval(row, "correct", scale)
+        stored = row["intervals"]["mean_normalized"]
+        assert (stored["low"], stored["high"]) == (want.low, want.high)
+        assert stored["mean"] == pytest.approx(row["mean_normalized"]) and want.low <= want.mean <= want.high
+        line = next(li for li in printed.splitlines() if li.startswith(f"| {row['label']} |") and "[" in li)
+        assert f"| {want.mean:.3f} [{want.low:.2f}, {want.high:.2f}] |" in line
+    diff = harness.paired_mean(by["linear"], by["iteris"], "correct", scale)
+    assert diff.mean == pytest.approx(by["linear"]["mean_normalized"] - by["iteris"]["mean_normalized"])
+    assert by["linear"]["intervals"]["vs"]["verdict"] == diff.verdict
+    assert f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {diff.verdict}" in printed
+    assert "| iteris | " in printed and "| reference |" in printed and "vs iteris [paired 95%]" in printed
+    # an older JSON's rows (no per-example outcomes) still render, with a dash for each interval
+    old = [{k: v for k, v in r.items() if k not in ("per_example", "intervals")} for r in rows]
+    assert intervals.with_intervals(old) == old
+    table = intervals.results_tables(old)
+    assert table.count(f"| {intervals.MISSING} | {intervals.MISSING} |") == len(old)
+    # the shipped tasks' longest labels and a slow, memory-heavy merge still fit a 100-column terminal
+    tasks = dict(zip(track.tasks, ("airline_sentiment", "apple_sentiment", "topic")))
+    wide = [{**r, "accuracy": {tasks[t]: v for t, v in r["accuracy"].items()}, "merge_seconds": 12345.6,
+             "peak_memory_mb": 123456, "calibration_samples": 5000} for r in rows]
+    assert wide[-1]["label"] == "iteris"
+    for r in wide[:-1]:  # all but the reference row
+        r["label"] = "lora:airline_sentiment" if r["method"] == "lora" else "task_arithmetic"
+    lines = intervals.results_tables(wide).splitlines()
+    assert max(len(li) for li in lines) <= 100, max(lines, key=len)
+
+
+def test_environment_gives_the_keys_asked_in_their_order_and_no_commit_outside_git(tmp_path):
+    from iteris_lab.tracks.environment import PROBES
+
+    keys = ("date", "commit", "python", "load_average_at_start")
+    env = harness.environment(keys, root=tmp_path)
+    assert tuple(env) == keys and env["commit"] is None and len(env["load_average_at_start"]) == 3
+    assert set(harness.environment()) < set(PROBES) and "torch_threads" in harness.environment()

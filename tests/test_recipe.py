@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +16,14 @@ from iteris_lab.errors import IterisError
 from iteris_lab.io.recipe import KEYS, SETTINGS_KEYS, TOKENIZE_KEYS, check_recipe, load_recipe
 from iteris_lab.settings import METHODS as SETTINGS_METHODS
 from iteris_lab.settings import MergeSettings
-from tiny import WORDS, load_tiny, make_lora, save_tiny, save_tokenizer
+from tiny import WORDS, make_lora, saved_model
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """Two adapters of a tiny llama, calibration files, and one merge written by the command line."""
     root = tmp_path_factory.mktemp("recipe")
-    base = save_tiny("llama", root / "base")
-    save_tokenizer(base)
-    model = load_tiny("llama", base)
+    base, model = saved_model("llama", root / "base")
     for i in range(2):
         make_lora(model, root / f"a{i}", ["q_proj", "v_proj"], seed=i + 1)
         (root / f"cal{i}.txt").write_text("\n".join(" ".join(WORDS[(i * 7 + j + k) % 90] for k in range(5))

@@ -225,6 +225,14 @@ def save_tokenizer(directory) -> None:
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>").save_pretrained(directory)
 
 
+def saved_model(kind: str, directory: str | Path) -> tuple[str, nn.Module]:
+    """A base-model folder as users hand one to the CLI (save_tiny(kind) + save_tokenizer in `directory`), and the
+    model reloaded from it (load_tiny), whose module names LoRAs made with make_lora then match: (folder, model)."""
+    base = save_tiny(kind, directory)
+    save_tokenizer(base)
+    return base, load_tiny(kind, base)
+
+
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +43,7 @@ from ..errors import IterisError
 from ..measure import PairedDifference, PeakMemory, paired_difference, weights_added
 from ..merge import merge_loras
 from ..profiles import Profile
+from .environment import environment  # noqa: F401  (every track's JSON imports it from here)
 
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "cat", "regmean", "regmean_many", "iteris",
                 "iteris_sweep")
@@ -355,12 +355,16 @@ def run_columns(unit: str = "task", zero: str = "0", memory: bool = True) -> lis
     return columns
 
 
-def accuracy_columns(rows: list[dict]) -> list[Column]:
-    """Accuracy per task, mean accuracy, mean normalized accuracy, then run_columns()."""
+def task_columns(rows: list[dict]) -> list[Column]:
+    """The method, accuracy per task and the mean accuracy."""
     return [("method", lambda r: r["label"]),
             *((t, lambda r, t=t: f"{r['accuracy'][t]:.3f}") for t in rows[0]["accuracy"]),
-            ("mean acc", lambda r: f"{r['mean_accuracy']:.3f}"),
-            ("mean norm.", lambda r: f"{r['mean_normalized']:.3f}"), *run_columns()]
+            ("mean acc", lambda r: f"{r['mean_accuracy']:.3f}")]
+
+
+def accuracy_columns(rows: list[dict]) -> list[Column]:
+    """task_columns, mean normalized accuracy, then run_columns()."""
+    return [*task_columns(rows), ("mean norm.", lambda r: f"{r['mean_normalized']:.3f}"), *run_columns()]
 
 
 def markdown_table(rows: list[dict], columns: Callable[[list[dict]], list[Column]] = accuracy_columns) -> str:
@@ -381,12 +385,3 @@ def to_json(out: dict, indent: int = 1) -> str:
     # so only such lists are joined and strings are never touched.
     text = json.dumps(out, indent=indent)
     return re.sub(r"\[\n[-+\d.,eE\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
-
-
-def environment() -> dict:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

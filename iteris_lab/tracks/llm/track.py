@@ -12,8 +12,9 @@ import torch
 
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
-from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, markdown_table,
-                       reference_rows, references, run_methods, score_row, split_outcomes, to_json)
+from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, reference_rows,
+                       references, run_methods, score_row, split_outcomes, to_json)
+from ..intervals import results_tables, with_intervals
 
 
 @dataclass
@@ -94,12 +95,12 @@ GRIDS = {"minilm": ITERIS_GRID, "smollm2": {"alpha": (1e-4,), "adaptive_weights"
 
 
 def report(track: LlmTrack, profile: Profile, rows: list[dict], seconds: float, **extra) -> dict:
-    """The benchmark JSON of an LLM track."""
+    """The benchmark JSON of an LLM track; its rows carry their 95 % intervals (intervals.with_intervals)."""
     return {"model": track.name, "profile": profile.name, "seconds": seconds, "environment": environment(),
             "tasks": {name: {"labels": list(t.labels), "kind": t.kind, "test_size": len(t.test),
                              "evaluated": min(len(t.test), profile.test_limit or len(t.test))}
                       for name, t in track.tasks.items()},
-            "results": rows, **extra}
+            "results": with_intervals(rows), **extra}
 
 
 def _on_gpu(track: LlmTrack) -> LlmTrack:
@@ -124,10 +125,10 @@ def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm
     out = report(track, profile, rows, time.perf_counter() - start)
     from ...io.destination import write_text
 
-    write_text(json_path, json.dumps(out, indent=2))
+    write_text(json_path, to_json(out))
     print(f"\niteris-lab demo: {track.name}, profile {profile.name}, "
           f"{profile.calibration_samples} calibration samples per task\n")
-    print(markdown_table(rows))
+    print(results_tables(out["results"]))
     print(f"\nwritten to {json_path} in {out['seconds']:.0f} s")
     return out
 
@@ -145,10 +146,10 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{model}.json").write_text(to_json(out))
-    (out_dir / f"{model}.md").write_text(markdown_table(rows) + "\n")
+    (out_dir / f"{model}.md").write_text(results_tables(out["results"]) + "\n")
     if figures is not None:
         score_plot(out, Path(figures) / f"{model}_scores.png")
-    print(markdown_table(rows))
+    print(results_tables(out["results"]))
     return out
 
 
