@@ -194,6 +194,30 @@ def kernel_env(profile: str) -> dict:
             "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 
 
+def wait_in_slices(channel, seconds: float = 2.0) -> None:
+    """Make `channel.get_msg(timeout)` wait in slices of `seconds`, each ending in a fresh readiness check.
+
+    Seen twice in chapter 02 (kernel and client both idle, the cell's reply never read, until the cell timeout):
+    the client can miss the shell socket's wake-up when a cell opens widget comms (jupyter/nbclient#312). pyzmq's
+    poll checks the socket again when its timeout fires, so a missed wake-up costs one slice instead of the cell
+    timeout; a reply that has not come is waited for up to the same deadline as before."""
+    from queue import Empty
+
+    original = channel.get_msg
+
+    async def get_msg(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await original(timeout=seconds if left is None else min(seconds, left))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg
+
+
 def execute(path: Path, profile: str, timeout: int) -> tuple[dict, float]:
     """Run every cell of `path` in a fresh kernel (cwd notebooks/); return the executed notebook and its seconds.
     Prints one status line per code cell, since a chapter runs for minutes."""
@@ -217,7 +241,8 @@ def execute(path: Path, profile: str, timeout: int) -> tuple[dict, float]:
     # The widget state is recorded (nbclient's ipywidgets Output handling fails without it), then scrub_outputs
     # drops it.
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(
-        path.parent)}}, record_timing=False, on_cell_start=on_cell_start)
+        path.parent)}}, record_timing=False, on_cell_start=on_cell_start,
+        on_notebook_start=lambda notebook: wait_in_slices(client.kc.shell_channel))
     env = kernel_env(profile)
     old = dict(os.environ)
     os.environ.clear()
