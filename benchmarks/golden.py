@@ -22,8 +22,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 TOLERANCE = 1e-6
 KINDS = ("llama", "gpt2", "t5", "bert", "conv", "unet")
-METHODS = {"jacobi": dict(max_iter=3), "sweep": dict(schedule="sweep"), "regmean": dict(method="regmean"),
-           "paper_lambdas": dict(max_iter=2, adaptive_weights="paper", alpha=1e-3)}
+METHODS = {"jacobi": dict(schedule="jacobi", max_iter=3), "sweep": dict(schedule="sweep"),
+           "regmean": dict(method="regmean"),
+           "paper_lambdas": dict(schedule="jacobi", max_iter=2, adaptive_weights="paper", alpha=1e-3)}
 DATA_FREE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
 
 
@@ -31,10 +32,10 @@ def _problem(kind: str, directory: Path):
     from tiny import merge_case, token_batches
 
     if kind == "unet":
-        from test_diffusion import _batches, _tiny_unet_and_loras
+        from tiny_diffusion import pixel_unet_and_loras, pixel_unet_batches
 
-        unet, dirs = _tiny_unet_and_loras(directory)
-        return unet, dirs, [_batches(1), _batches(2)]
+        unet, dirs = pixel_unet_and_loras(directory)
+        return unet, dirs, [pixel_unet_batches(1), pixel_unet_batches(2)]
     case = merge_case(kind, directory, n_tasks=3)
     if kind in ("llama", "t5"):  # several padded batches per task
         case.calibration = [token_batches(kind, n_batches=3, batch_size=3, seq_len=6, seed=40 + i) for i in range(3)]

@@ -19,6 +19,9 @@ module at a time for each task: not the statistics of every module, which Jacobi
 
 The sweep needs every pass to reach the adapted modules once each, in one order. A module that runs twice in one
 pass (shared weights, a loop inside forward=) is refused with a CalibrationError: use schedule="jacobi" there.
+Once the last module is solved, the rest of a forward pass (an LM head and its logits, for instance) computes
+nothing the merge needs, so the passes are closed there; one pass of the first batch runs start to end before
+the sweep, to check that no adapted module runs twice.
 """
 from __future__ import annotations
 
@@ -53,15 +56,14 @@ def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: 
     """Run the sweep; returns {name: the merged ΔW solve() returned} for every target."""
     merged: dict = {}
     with torch.no_grad(), DeltaHooks(targets) as hooks, Passes(model, targets, hooks) as passes:
+        _check_each_layer_runs_once(passes, tasks[0])
         pairs = [(i, passes.start(batch, task.forward, task.deltas), passes.start(batch, task.forward, merged))
                  for i, task in enumerate(tasks) for batch in task.batches]
         every = [p for _, own, through_merged in pairs for p in (own, through_merged)]
         stats = None
-        while (name := passes.next_stop(every)) is not None:
+        while len(merged) < len(targets) and (name := passes.next_stop(every)) is not None:
             if name in merged:
-                raise CalibrationError(f"layer {name} runs more than once in one forward pass (shared weights, or a "
-                                       "loop in forward=); the one-sweep schedule needs each adapted layer to run "
-                                       "once per pass: use schedule='jacobi'.")
+                raise CalibrationError(_TWICE.format(name=name))
             shared = stats is not None and all(p.shared for p in every)
             if not shared:
                 stats = [Statistics() for _ in tasks]
@@ -72,5 +74,21 @@ def one_sweep(model, targets: dict[str, Target], tasks: list[SweepTask], solve: 
             merged[name] = solve(name, stats, shared)
             if on_solved is not None:
                 on_solved(name)
+    # the passes are closed where they stand after the last layer (Passes' exit): the rest of a forward pass (an
+    # LM head and its logits) computes nothing the merge needs
     check_reached(targets, merged)
     return merged
+
+
+_TWICE = ("layer {name} runs more than once in one forward pass (shared weights, or a loop in forward=); the "
+          "one-sweep schedule needs each adapted layer to run once per pass: use schedule='jacobi'.")
+
+
+def _check_each_layer_runs_once(passes: Passes, task: SweepTask) -> None:
+    """One pass of the first batch, start to end, before the sweep: no adapted layer may run twice in it. (The
+    sweep's own passes end at the last adapted layer, where they could no longer see a layer run again.)"""
+    probe, seen = passes.start(task.batches[0], task.forward, task.deltas), set()
+    while (name := passes.next_stop([probe])) is not None:
+        if name in seen:
+            raise CalibrationError(_TWICE.format(name=name))
+        seen.add(name)

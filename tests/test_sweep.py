@@ -72,6 +72,22 @@ def test_sweep_refuses_a_module_that_runs_twice_in_one_pass(tmp_path):
     assert all(torch.isfinite(d).all() for d in result.deltas.values())
 
 
+def test_after_the_last_layer_only_one_pass_runs_on_and_the_result_is_unchanged(tmp_path):
+    """The LM head's logits are of no use to the merge: every pass but one is closed at the last adapted layer."""
+    case = merge_case("llama", tmp_path, n_tasks=2)
+    assert sum(len(batches) for batches in case.calibration) > 1
+    heads = []
+    handle = case.model.lm_head.register_forward_pre_hook(lambda module, args: heads.append(1))
+    try:
+        sweep = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, progress=False)
+    finally:
+        handle.remove()
+    assert len(heads) == 1  # the check before the sweep: one pass of one batch, start to end
+    jacobi = iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="jacobi",
+                                    max_iter=len(sweep.deltas), progress=False)  # past the chain's depth
+    assert relative_distance(sweep.deltas, jacobi.deltas) < 1e-5
+
+
 class Branchy(nn.Module):
     """Task-dependent paths: inputs with a positive first feature go through `a` then `b`, others `b` then `a`."""
 
@@ -99,9 +115,8 @@ def test_an_error_inside_a_pass_reaches_the_caller_and_no_thread_is_left(tmp_pat
     case = merge_case("llama", tmp_path, n_tasks=2)
     before = threading.active_count()
 
-    def broken(model, batch):
-        model(**batch)
-        raise RuntimeError("the forward function failed")
+    def broken(model, batch):  # inside the pass (its greenlet), before the model runs: passes that run after the
+        raise RuntimeError("the forward function failed")  # last adapted layer are closed there, not run to the end
 
     with pytest.raises(RuntimeError, match="forward function failed"):
         iteris_lab.merge_loras(case.model, case.adapters, case.calibration, schedule="sweep", progress=False,

@@ -189,11 +189,15 @@ class Passes(TargetHooks):
                 self._running.pop(p.greenlet, None)
         return name
 
+    def close(self, passes: list[Pass]) -> None:
+        """Unwind `passes` where they stand (their activations are freed); they are finished."""
+        for p in passes:
+            p.close()
+            self._running.pop(p.greenlet, None)
+
     def __exit__(self, *exc):
         try:
-            for p in list(self._running.values()):
-                p.close()
-            self._running.clear()
+            self.close(list(self._running.values()))
         finally:
             super().__exit__(*exc)
         return False
