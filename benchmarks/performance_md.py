@@ -29,7 +29,9 @@ What each holds in memory:
   `Q = X̃ᵀX̃`), `in × in` floats each, plus the activations of one batch (Jacobi: one batch in both roles, side by
   side).
 - the sweep: the statistics of one layer at a time, plus the live activations of every calibration batch at the
-  current depth, twice (task pass and merged pass) — the same trade GPTQ-style layer-wise calibrators make when
+  current depth, twice (task pass and merged pass); the passes end at the last adapted layer, so no batch's LM head
+  runs (its logits, batch × tokens × vocabulary floats, were the sweep's peak before; RegMean and Jacobi still
+  compute them, one batch at a time) — the same trade GPTQ-style layer-wise calibrators make when
   they cache every sample's block inputs. It grows with the number of calibration tokens, not with depth. The
   passes are greenlets ([iteris_lab/plumbing/passes.py](../iteris_lab/plumbing/passes.py)): coroutines in the caller's thread, so a
   paused pass holds its activations and nothing per thread. The *floor* column of the scaling table is what an exact
