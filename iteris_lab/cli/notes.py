@@ -6,13 +6,15 @@ that one command line or recipe can be re-run with another --method; the merge i
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
-SOLVED = ("iteris", "regmean")
+from ..settings import SOLVED, MergeSettings
+
 PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-# the options merge_loras takes (MergeSettings' fields)
-SETTINGS = ("method", "schedule", "max_iter", "alpha", "adaptive_weights", "weights", "density", "regmean_shrink",
-            "modules", "tol", "seed", "gram_dtype")
 _CALIBRATION = ("calibration", "batch_size", "max_length", "chat_template", "encoding")
+# the options the command passes to merge_loras: MergeSettings' fields but those that tokenize the calibration
+# files (the command tokenizes them itself)
+SETTINGS = tuple(f.name for f in fields(MergeSettings) if f.name not in _CALIBRATION)
 # option -> the methods that use it (anything not listed here is used by every method)
 USED_BY = {
     **{k: SOLVED for k in _CALIBRATION + ("gram_dtype",)},
