@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from iteris_lab.tracks.harness import PER_EXAMPLE, accuracy_columns, markdown_table, own_scale, paired_mean
+from iteris_lab.tracks.intervals import vs_cell, with_intervals
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,15 +31,9 @@ def interval_text(d) -> str:
 
 
 def interval_columns(rows: list[dict]):
-    """The table's columns plus the paired difference of each row's mean normalized accuracy from IterIS."""
-    scale, ref = own_scale(rows), next(r for r in rows if r["label"] == REFERENCE)
-
-    def cell(r):
-        if r is ref:
-            return "(reference)"
-        return interval_text(paired_mean(r, ref, "correct", scale, confidence=CONFIDENCE))
-
-    return accuracy_columns(rows) + [(f"mean norm. − {REFERENCE} ({CONFIDENCE:.0%} paired interval)", cell)]
+    """The table's columns plus the paired difference of each row's mean normalized accuracy from IterIS (rows as
+    tracks.intervals.with_intervals returns them: the cell is the one `iteris-lab bench` prints)."""
+    return accuracy_columns(rows) + [(f"mean norm. − {REFERENCE} ({CONFIDENCE:.0%} paired interval)", vs_cell)]
 
 
 def interval_lines(rows: list[dict], run: str, tasks: dict) -> list[str]:
@@ -86,7 +81,9 @@ def section(name: str, out: dict, run: str) -> str:
         chosen = out["iteris_chosen"]
         lines += [f"IterIS settings chosen on validation: alpha={chosen['alpha']}, "
                   f"adaptive_weights={chosen['adaptive_weights']} (grid below).", ""]
-    lines += [markdown_table(rows, interval_columns if has_outcomes(rows) else accuracy_columns), ""]
+    table = (with_intervals(rows, reference=REFERENCE, confidence=CONFIDENCE), interval_columns) if has_outcomes(
+        rows) else (rows, accuracy_columns)
+    lines += [markdown_table(*table), ""]
     lines += interval_lines(rows, run, out["tasks"])
     headline = [f"{label} {by[label]['mean_normalized']:.3f}" for label in
                 ("iteris", "iteris_sweep", "regmean", "regmean_many", "linear", "ties") if label in by]
