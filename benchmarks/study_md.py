@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from iteris_lab.measure import paired_difference
 from iteris_lab.tracks.llm.study import normalized_difference, smallest_p
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,12 @@ def _interval(d) -> str:
     return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.verdict})"
 
 
+def _exact_p(row_a: dict, row_b: dict, tasks) -> float:
+    """The exact McNemar p-value of two rows' right/wrong outcomes over `tasks`' test examples."""
+    a, b = ([v for t in tasks for v in row["per_example"][t]["correct"]] for row in (row_a, row_b))
+    return paired_difference(a, b).p_value
+
+
 def reading(part: dict, labels, ks) -> str:
     """A sentence whose every number is read from the JSON (the prose around it is in results_notes.md)."""
     by = _by(part["rows"], "k", "label")
@@ -144,6 +151,15 @@ def reading(part: dict, labels, ks) -> str:
     gaps = ", ".join(f"k={k}: {by[(k, 'iteris_sweep')]['mean_normalized'] - by[(k, 'regmean')]['mean_normalized']:+.3f}"
                      for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
     limit = part["config"]["limit"]
+    pairs = [k for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by]
+    if all("per_example" in by[(k, m)] for k in pairs for m in ("iteris_sweep", "regmean")):
+        it, rm = "iteris_sweep", "regmean"
+        tests = "; ".join(f"k={k}: {_interval(normalized_difference(by[(k, it)], by[(k, rm)], part['own']))}, "
+                          f"McNemar p = {_exact_p(by[(k, it)], by[(k, rm)], part['order'][:k]):.3g}" for k in pairs)
+        return (f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
+                f"per k, paired over every test example's outcome (95 % bootstrap interval of the normalized "
+                f"difference, and the exact McNemar test of the raw right/wrong outcomes; a finding needs both): "
+                f"{tests}.")
     bounds = ", ".join("k={}: {:+d} examples, p ≥ {:.3g}".format(k, *smallest_p(by[(k, "iteris_sweep")],
                                                                                   by[(k, "regmean")], limit))
                        for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by)
