@@ -164,7 +164,8 @@ def main() -> int:
              "--model minilm` (or `smollm2`), `benchmarks/vlm.py` and `benchmarks/diffusion.py`. Normalized = accuracy / accuracy of the task's own LoRA; "
              "`regmean` uses the same calibration samples as IterIS, `regmean_many` ten times more.", "",
              "Comparisons carry a 95 % paired bootstrap interval over the test examples "
-             "(`iteris_lab.measure.paired_difference`; *ahead* / *behind* when it excludes 0, else *within noise*) "
+             "(`iteris_lab.measure.paired_difference`; *ahead* / *behind* when it excludes 0 — and, for right/wrong "
+             "outcomes compared raw, when the exact McNemar test agrees — else *within noise*) "
              "wherever a run stored every example's outcome; a table without them says so, how to get them, and "
              "what its totals allow.", ""]
     runs = {"minilm": "ITERIS_PROFILE=cpu python benchmarks/llm.py --model minilm",

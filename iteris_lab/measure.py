@@ -92,7 +92,11 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        """"ahead" (a > b: the interval lies above 0), "behind" (below 0) or "within noise" (it holds 0)."""
+        """"ahead" (a > b: the interval lies above 0), "behind" (below 0) or "within noise" (it holds 0). For 0/1
+        outcomes the exact McNemar test must agree (p < 1 − confidence): when few examples differ (say 4 of 60, all
+        one way: p = 0.125) a resample rarely drops them all, so the percentile interval is too narrow there."""
+        if self.p_value is not None and self.p_value >= 1 - self.confidence:
+            return "within noise"
         if self.low > 0:
             return "ahead"
         if self.high < 0:

@@ -71,3 +71,17 @@ def test_numerical_rank_reads_a_float32_gram_of_fewer_rows_than_features_as_its_
     assert numerical_rank(x.T @ x) == 50
     assert numerical_rank((x.T @ x).double()) == 384  # float32 rounding is far above float64's ε: use the sum's dtype
     assert numerical_rank(x.double().T @ x.double()) == 50
+
+
+def test_few_differing_examples_are_within_noise_even_when_the_bootstrap_interval_excludes_zero():
+    """4 of 60 examples differ, all for a: the percentile interval lies above 0, but the exact McNemar p is
+    2 · 0.5^4 = 0.125, and the verdict follows the exact test."""
+    from iteris_lab.measure import paired_difference
+
+    a, b = [1] * 4 + [0] * 56, [0] * 60
+    few = paired_difference(a, b)
+    assert few.low > 0 and few.p_value == pytest.approx(0.125) and few.verdict == "within noise"
+    many = paired_difference([1] * 12 + [0] * 48, [0] * 60)  # 12 one way: p = 2 · 0.5^12
+    assert many.p_value < 0.001 and many.verdict == "ahead"
+    scores = paired_difference([0.5] * 4 + [0.0] * 56, [0.0] * 60)  # not 0/1: the interval alone decides
+    assert scores.p_value is None and scores.verdict == "ahead"
