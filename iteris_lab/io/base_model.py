@@ -137,7 +137,7 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         try:
             socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
             result.append(True)
-        except OSError:
+        except Exception:  # any failure of the probe means: not reachable now (never an error in a thread)
             pass
 
     thread = threading.Thread(target=probe, daemon=True)
