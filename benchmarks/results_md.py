@@ -26,10 +26,6 @@ def has_outcomes(rows: list[dict]) -> bool:
     return all(PER_EXAMPLE in r for r in rows)
 
 
-def interval_text(d) -> str:
-    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {d.verdict}"
-
-
 def interval_columns(rows: list[dict]):
     """The table's columns plus the paired difference of each row's mean normalized accuracy from IterIS (rows as
     tracks.intervals.with_intervals returns them: the cell is the one `iteris-lab bench` prints)."""
@@ -54,7 +50,7 @@ def interval_lines(rows: list[dict], run: str, tasks: dict) -> list[str]:
                 f"outcomes with these totals could give (above 0.05: within noise whatever they were; `{best_free}` "
                 f"is the best data-free merge): {bounds}.", ""]
     scale = own_scale(rows)
-    text = [f"`{a}` − `{b}`: {interval_text(paired_mean(by[a], by[b], 'correct', scale, confidence=CONFIDENCE))}"
+    text = [f"`{a}` − `{b}`: {paired_mean(by[a], by[b], 'correct', scale, confidence=CONFIDENCE).brief()}"
             for a, b in pairs if a in by and b in by]
     return [f"Paired differences of mean normalized accuracy ({CONFIDENCE:.0%} paired bootstrap over the test "
             f"examples, 10,000 resamples, seed 0; `{best_free}` is the best data-free merge here): "

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from iteris_lab.measure import paired_difference
-from iteris_lab.tracks.llm.study import normalized_difference, smallest_p
+from iteris_lab.tracks.llm.study import normalized_difference, pooled_outcomes, smallest_p
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "benchmarks" / "results" / "study.json"
@@ -125,21 +125,16 @@ def paired_k6(part: dict | None) -> str:
     by = {r["label"]: r for r in part["rows"]}
     pairs = [("iteris_sweep", "regmean"), ("regmean", "linear"), ("iteris_sweep", "linear"),
              ("linear", "task_arithmetic")]
-    text = "; ".join(f"{LABELS[a]} − {LABELS[b]} {_interval(normalized_difference(by[a], by[b], part['own']))}"
+    text = "; ".join(f"{LABELS[a]} − {LABELS[b]} {normalized_difference(by[a], by[b], part['own']).brief()}"
                      for a, b in pairs if a in by and b in by)
     return (f"All {len(part['order'])} tasks merged, re-measured with per-example outcomes (`--part tasks_paired`, "
             f"{part['seconds'] / 60:.0f} min, load average {part['load_average_start'][0]:.1f}): paired differences "
             f"of mean normalized accuracy, 95 % bootstrap: {text}.")
 
 
-def _interval(d) -> str:
-    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.verdict})"
-
-
 def _exact_p(row_a: dict, row_b: dict, tasks) -> float:
     """The exact McNemar p-value of two rows' right/wrong outcomes over `tasks`' test examples."""
-    a, b = ([v for t in tasks for v in row["per_example"][t]["correct"]] for row in (row_a, row_b))
-    return paired_difference(a, b).p_value
+    return paired_difference(pooled_outcomes(row_a, tasks), pooled_outcomes(row_b, tasks)).p_value
 
 
 def reading(part: dict, labels, ks) -> str:
@@ -154,7 +149,7 @@ def reading(part: dict, labels, ks) -> str:
     pairs = [k for k in ks if (k, "iteris_sweep") in by and (k, "regmean") in by]
     if all("per_example" in by[(k, m)] for k in pairs for m in ("iteris_sweep", "regmean")):
         it, rm = "iteris_sweep", "regmean"
-        tests = "; ".join(f"k={k}: {_interval(normalized_difference(by[(k, it)], by[(k, rm)], part['own']))}, "
+        tests = "; ".join(f"k={k}: {normalized_difference(by[(k, it)], by[(k, rm)], part['own']).brief()}, "
                           f"McNemar p = {_exact_p(by[(k, it)], by[(k, rm)], part['order'][:k]):.3g}" for k in pairs)
         return (f"From {first} to {last} merged tasks the mean normalized accuracy goes {drops}. IterIS minus RegMean "
                 f"per k, paired over every test example's outcome (95 % bootstrap interval of the normalized "

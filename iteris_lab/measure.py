@@ -103,6 +103,10 @@ class PairedDifference:
             return "behind"
         return "within noise"
 
+    def brief(self) -> str:
+        """"+0.003 [-0.016, +0.023] within noise": the difference, its interval and the verdict, for tables."""
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}] {self.verdict}"
+
     def __str__(self) -> str:
         p = f", McNemar p = {self.p_value:.3g}" if self.p_value is not None else ""
         return (f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] ({self.confidence:.0%} paired bootstrap, "

@@ -16,7 +16,9 @@ the intervals.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
+
+from ..measure import PairedDifference
 
 from .harness import PER_EXAMPLE, markdown_table, mean_interval, own_scale, paired_mean, run_columns, task_columns
 
@@ -67,7 +69,7 @@ def vs_cell(row: dict) -> str:
     d = stored.get("vs")
     if d is None:
         return "reference" if stored.get("reference") == row["label"] else MISSING
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}"
+    return PairedDifference(**{f.name: d[f.name] for f in fields(PairedDifference)}).brief()
 
 
 def _stored(rows: list[dict], key: str, default):

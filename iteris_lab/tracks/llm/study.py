@@ -115,6 +115,12 @@ def nested_subsets(order, smallest: int = 2) -> list[list[str]]:
 # ---------------------------------------------------------------- how sure: intervals for the study's rows
 
 
+def pooled_outcomes(row: dict, tasks) -> list:
+    """A row's right (1) / wrong (0) outcomes on `tasks`' test examples, one list in task order: what the exact
+    McNemar test of two rows pairs (measure.paired_difference gives its p-value for 0/1 outcomes)."""
+    return [v for t in tasks for v in row[PER_EXAMPLE][t]["correct"]]
+
+
 def normalized_difference(row_a: dict, row_b: dict, own: dict, **options) -> PairedDifference:
     """Mean normalized accuracy of row a minus row b (rows of merge_row, same test examples), paired by example,
     with its 95 % paired bootstrap interval (harness.paired_mean with scale 1 / own accuracy)."""
