@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import iteris_lab
-from iteris_lab import AdapterError, ExportError, merge_loras, read_diffusers_lora, write_diffusers_lora
+from iteris_lab import AdapterError, ExportError, IterisError, merge_loras, read_diffusers_lora, write_diffusers_lora
 from iteris_lab.cli import main
 from iteris_lab.io import destination
 from tiny import build_tiny, make_lora, merge_case, outputs, saved_model, token_batches
@@ -448,3 +448,19 @@ def test_a_results_file_is_replaced_when_named_again_but_never_an_input_or_a_fol
     write_text(results, '{"a": 2}')
     assert results.read_text() == '{"a": 2}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "prompts.jsonl", "results.json"]
+
+
+def test_bench_results_go_through_the_destination_rule(tmp_path, monkeypatch):
+    """`iteris-lab bench --out DIR` writes <model>.json and .md like demo --json: staged, never onto a folder."""
+    from iteris_lab.tracks.llm import track
+
+    for name, fake in (("load_track", lambda model: None), ("_on_gpu", lambda t: t),
+                       ("choose_iteris", lambda *a, **k: ({}, [])), ("run_methods", lambda *a, **k: []),
+                       ("report", lambda *a, **k: {"results": []}), ("results_tables", lambda rows: "table")):
+        monkeypatch.setattr(track, name, fake)
+    track.run_bench("minilm", tmp_path / "new", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["minilm.json", "minilm.md"]
+    (tmp_path / "taken" / "minilm.json").mkdir(parents=True)
+    with pytest.raises(IterisError, match="minilm.json"):
+        track.run_bench("minilm", tmp_path / "taken", quiet=True)
+    assert (tmp_path / "taken" / "minilm.json").is_dir()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...io.destination import write_text
 from ...io.peft import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
@@ -221,8 +222,8 @@ def run_bench(out_dir=".", samples: int | None = None, figures=None, log=print) 
            "environment": harness.environment(), "results": rows, "seconds": time.perf_counter() - start}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "diffusion.json").write_text(json.dumps(out, indent=2, default=str))
-    (out_dir / "diffusion.md").write_text(markdown_table(rows) + "\n")
+    write_text(out_dir / "diffusion.json", json.dumps(out, indent=2, default=str))  # the destination rule
+    write_text(out_dir / "diffusion.md", markdown_table(rows) + "\n")
     if figures is not None:
         score_plot(rows, Path(figures) / "diffusion_scores.png")
         grid_figure(track, profile, chosen, Path(figures) / "diffusion_grid.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ...io.destination import write_text
 from ...paths import data_dir, missing_data
 from ...profiles import Profile, current_profile
 from ..harness import (ITERIS_GRID, PER_EXAMPLE, References, Track, choose_iteris, environment, reference_rows,
@@ -123,7 +124,6 @@ def run_demo(json_path="results.json", quiet: bool = False, model: str = "minilm
     say(f"references done at {time.perf_counter() - start:.0f} s; merging with every method ...")
     rows = reference_rows(track, refs) + run_methods(track, profile, progress=not quiet, refs=refs, log=say)
     out = report(track, profile, rows, time.perf_counter() - start)
-    from ...io.destination import write_text
 
     write_text(json_path, to_json(out))
     print(f"\niteris-lab demo: {track.name}, profile {profile.name}, "
@@ -145,8 +145,8 @@ def run_bench(model: str = "minilm", out_dir=".", figures=None, quiet: bool = Fa
     out = report(track, profile, rows, time.perf_counter() - start, iteris_validation=tried, iteris_chosen=chosen)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{model}.json").write_text(to_json(out))
-    (out_dir / f"{model}.md").write_text(results_tables(out["results"]) + "\n")
+    write_text(out_dir / f"{model}.json", to_json(out))  # the destination rule, as demo --json
+    write_text(out_dir / f"{model}.md", results_tables(out["results"]) + "\n")
     if figures is not None:
         score_plot(out, Path(figures) / f"{model}_scores.png")
     print(results_tables(out["results"]))

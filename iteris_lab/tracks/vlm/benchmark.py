@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ...io.destination import write_text
 from ...io.peft import load_adapter
 from ...measure import weights_added
 from ...merge import merge_loras
@@ -307,13 +308,13 @@ def run_bench(out_dir=".", mask: str = "text", test_images: int | None = None, v
            "iteris_validation": tried, "results": rows}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vlm.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_text(out_dir / "vlm.json", json.dumps(out, indent=2) + "\n")  # the destination rule
     table = markdown_table(rows)
     note = (f"Profile {profile.name}: {len(labels)} test images, {profile.calibration_samples} calibration samples "
             f"per style (regmean_many: {profile.many_samples}), IterIS max_iter {profile.max_iter}, chosen on "
             f"validation: {chosen}, calibration mask {mask!r}. Base with the plain prompt: content "
             f"{base_plain['content']:.3f}. Run time {timings['total_s']:.0f} s, {torch.get_num_threads()} torch "
             "thread(s).")
-    (out_dir / "vlm.md").write_text(f"# VLM style-merge benchmark\n\n{note}\n\n{table}\n")
+    write_text(out_dir / "vlm.md", f"# VLM style-merge benchmark\n\n{note}\n\n{table}\n")
     print(table)
     return out
